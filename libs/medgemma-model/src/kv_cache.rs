@@ -1,0 +1,498 @@
+//! A paged KV cache: fixed-size blocks of rows, a block table per sequence.
+//!
+//! Sliding-window layers and global layers keep separate block tables, because they keep
+//! different rows: a sliding layer frees every block that no future query can see (so its
+//! memory is bounded by the window), a global layer grows with the sequence. Nothing is
+//! preallocated for the model's maximum context: blocks are made when first needed and
+//! recycled through a free list. The batching scheduler builds paging and prefix sharing on
+//! these block tables.
+
+use std::collections::VecDeque;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::{LayerType, TextConfig};
+use crate::error::{ModelError, Result};
+
+/// Rows per block unless configured otherwise.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// Sizing of a [`KvCache`].
+#[derive(Debug, Clone, Copy)]
+pub struct KvCacheConfig {
+    /// Rows (positions) per block.
+    pub block_size: usize,
+    /// Upper bound on bytes held by blocks in use; `None` means unbounded.
+    pub max_bytes: Option<usize>,
+}
+
+impl Default for KvCacheConfig {
+    fn default() -> Self {
+        Self {
+            block_size: DEFAULT_BLOCK_SIZE,
+            max_bytes: None,
+        }
+    }
+}
+
+/// One group of layers that share block tables (all sliding layers, or all global layers).
+#[derive(Debug)]
+struct BlockStore {
+    /// Model layer index -> index within this store.
+    layers: Vec<usize>,
+    /// Per block id: per layer of this kind, (k, v) each `[kv_heads, block_size, head_dim]`.
+    blocks: Vec<Vec<(Tensor, Tensor)>>,
+    free: Vec<usize>,
+    in_use: usize,
+}
+
+/// A block of one sequence's table: the block id and the position of its first row.
+#[derive(Debug, Clone, Copy)]
+struct BlockRef {
+    id: usize,
+    start: usize,
+}
+
+/// Per-sequence cache state: how many positions are cached, and the block tables.
+#[derive(Debug, Default)]
+pub struct SequenceKv {
+    len: usize,
+    /// Index 0: sliding layers, 1: global layers.
+    tables: [VecDeque<BlockRef>; 2],
+    released: bool,
+}
+
+impl SequenceKv {
+    /// Number of positions already in the cache (= position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Blocks held by this sequence (both kinds).
+    pub fn blocks(&self) -> usize {
+        self.tables[0].len() + self.tables[1].len()
+    }
+}
+
+/// The KV cache of one model: all block storage, shared by every sequence.
+#[derive(Debug)]
+pub struct KvCache {
+    cfg: KvCacheConfig,
+    device: Device,
+    dtype: DType,
+    kv_heads: usize,
+    head_dim: usize,
+    window: usize,
+    /// Model layer index -> (store index, index within store).
+    layer_slot: Vec<(usize, usize)>,
+    stores: [BlockStore; 2],
+}
+
+fn kind_index(t: LayerType) -> usize {
+    match t {
+        LayerType::Sliding => 0,
+        LayerType::Global => 1,
+    }
+}
+
+impl KvCache {
+    /// An empty cache for a model; no memory is allocated until sequences need it.
+    pub fn new(text: &TextConfig, dtype: DType, device: &Device, cfg: KvCacheConfig) -> Self {
+        let mut stores = [
+            BlockStore {
+                layers: Vec::new(),
+                blocks: Vec::new(),
+                free: Vec::new(),
+                in_use: 0,
+            },
+            BlockStore {
+                layers: Vec::new(),
+                blocks: Vec::new(),
+                free: Vec::new(),
+                in_use: 0,
+            },
+        ];
+        let mut layer_slot = Vec::with_capacity(text.num_hidden_layers);
+        for i in 0..text.num_hidden_layers {
+            let s = kind_index(text.layer_type(i));
+            layer_slot.push((s, stores[s].layers.len()));
+            stores[s].layers.push(i);
+        }
+        Self {
+            cfg: KvCacheConfig {
+                block_size: cfg.block_size.max(1),
+                ..cfg
+            },
+            device: device.clone(),
+            dtype,
+            kv_heads: text.num_key_value_heads,
+            head_dim: text.head_dim,
+            window: text.sliding_window,
+            layer_slot,
+            stores,
+        }
+    }
+
+    /// Rows per block.
+    pub fn block_size(&self) -> usize {
+        self.cfg.block_size
+    }
+
+    /// Bytes of one block for one layer (k and v).
+    fn layer_block_bytes(&self) -> usize {
+        2 * self.kv_heads * self.cfg.block_size * self.head_dim * self.dtype.size_in_bytes()
+    }
+
+    fn store_block_bytes(&self, s: usize) -> usize {
+        self.layer_block_bytes() * self.stores[s].layers.len()
+    }
+
+    /// Bytes held by blocks that sequences are using.
+    pub fn bytes_in_use(&self) -> usize {
+        (0..2)
+            .map(|s| self.stores[s].in_use * self.store_block_bytes(s))
+            .sum()
+    }
+
+    /// Bytes allocated, including recycled blocks waiting on the free list.
+    pub fn bytes_allocated(&self) -> usize {
+        (0..2)
+            .map(|s| self.stores[s].blocks.len() * self.store_block_bytes(s))
+            .sum()
+    }
+
+    /// Blocks in use (sliding, global).
+    pub fn blocks_in_use(&self) -> (usize, usize) {
+        (self.stores[0].in_use, self.stores[1].in_use)
+    }
+
+    /// Drops recycled blocks so their memory returns to the allocator.
+    pub fn trim(&mut self) {
+        for st in &mut self.stores {
+            // Blocks on the free list at the end of the vector can be dropped outright; the
+            // others are replaced by empty placeholders that are rebuilt on reuse.
+            let free: std::collections::HashSet<usize> = st.free.iter().copied().collect();
+            while let Some(last) = st.blocks.len().checked_sub(1) {
+                if free.contains(&last) {
+                    st.blocks.pop();
+                } else {
+                    break;
+                }
+            }
+            let n = st.blocks.len();
+            st.free.retain(|&id| id < n);
+            for &id in &st.free {
+                st.blocks[id].clear();
+            }
+        }
+    }
+
+    /// Position of the first row still cached for layers of `kind` (0 for global layers;
+    /// sliding layers drop blocks that left the window).
+    pub fn first_position(&self, seq: &SequenceKv, kind: LayerType) -> usize {
+        seq.tables[kind_index(kind)]
+            .front()
+            .map(|b| b.start)
+            .unwrap_or(seq.len)
+    }
+
+    /// A new, empty sequence.
+    pub fn new_sequence(&self) -> SequenceKv {
+        SequenceKv::default()
+    }
+
+    fn alloc(&mut self, s: usize) -> Result<usize> {
+        if let Some(max) = self.cfg.max_bytes {
+            let need = self.bytes_in_use() + self.store_block_bytes(s);
+            if need > max {
+                return Err(ModelError::Limit(format!(
+                    "KV cache is full: {} bytes in use, limit {max} bytes",
+                    self.bytes_in_use()
+                )));
+            }
+        }
+        let (kv_heads, bs, hd, dtype) = (
+            self.kv_heads,
+            self.cfg.block_size,
+            self.head_dim,
+            self.dtype,
+        );
+        let device = self.device.clone();
+        let st = &mut self.stores[s];
+        let n_layers = st.layers.len();
+        let make = || -> Result<Vec<(Tensor, Tensor)>> {
+            (0..n_layers)
+                .map(|_| {
+                    Ok((
+                        Tensor::zeros((kv_heads, bs, hd), dtype, &device)?,
+                        Tensor::zeros((kv_heads, bs, hd), dtype, &device)?,
+                    ))
+                })
+                .collect()
+        };
+        let id = match st.free.pop() {
+            Some(id) => {
+                if st.blocks[id].is_empty() {
+                    st.blocks[id] = make()?;
+                }
+                id
+            }
+            None => {
+                st.blocks.push(make()?);
+                st.blocks.len() - 1
+            }
+        };
+        st.in_use += 1;
+        Ok(id)
+    }
+
+    /// Makes sure blocks exist for positions `[seq.len, seq.len + n)`.
+    pub fn reserve(&mut self, seq: &mut SequenceKv, n: usize) -> Result<()> {
+        if seq.released {
+            return Err(ModelError::InvalidInput(
+                "sequence was already released from the KV cache".into(),
+            ));
+        }
+        let end = seq.len + n;
+        let bs = self.cfg.block_size;
+        for s in 0..2 {
+            if self.stores[s].layers.is_empty() {
+                continue;
+            }
+            let mut next = seq.tables[s]
+                .back()
+                .map(|b| b.start + bs)
+                .unwrap_or(seq.len - seq.len % bs);
+            while next < end {
+                let id = self.alloc(s)?;
+                seq.tables[s].push_back(BlockRef { id, start: next });
+                next += bs;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `k`, `v` (`[kv_heads, n, head_dim]`) for positions `[seq.len, seq.len + n)` of
+    /// model layer `layer`. Call [`KvCache::reserve`] first.
+    pub fn write(&self, seq: &SequenceKv, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (s, li) = self.layer_slot[layer];
+        let n = k.dim(1)?;
+        let bs = self.cfg.block_size;
+        let mut pos = seq.len;
+        let mut row = 0;
+        let table = &seq.tables[s];
+        let first = table
+            .front()
+            .ok_or_else(|| ModelError::InvalidInput("write before reserve".into()))?
+            .start;
+        while row < n {
+            let bi = (pos - first) / bs;
+            let b = table
+                .get(bi)
+                .ok_or_else(|| ModelError::InvalidInput("write beyond reserved blocks".into()))?;
+            let off = pos - b.start;
+            let take = (bs - off).min(n - row);
+            let (bk, bv) = &self.stores[s].blocks[b.id][li];
+            bk.slice_set(&k.narrow(1, row, take)?.contiguous()?, 1, off)?;
+            bv.slice_set(&v.narrow(1, row, take)?.contiguous()?, 1, off)?;
+            pos += take;
+            row += take;
+        }
+        Ok(())
+    }
+
+    /// All cached rows of layer `layer` up to (excluding) position `end`, as contiguous
+    /// `[kv_heads, rows, head_dim]` tensors, plus the position of the first row returned.
+    /// Sliding layers return only the blocks still held (a superset of the window).
+    pub fn gather(
+        &self,
+        seq: &SequenceKv,
+        layer: usize,
+        end: usize,
+    ) -> Result<(Tensor, Tensor, usize)> {
+        let (s, li) = self.layer_slot[layer];
+        let table = &seq.tables[s];
+        let first = table
+            .front()
+            .ok_or_else(|| ModelError::InvalidInput("gather from an empty sequence".into()))?
+            .start;
+        let bs = self.cfg.block_size;
+        let nblocks = (end - first).div_ceil(bs);
+        let blocks = &self.stores[s].blocks;
+        let (ks, vs): (Vec<&Tensor>, Vec<&Tensor>) = table
+            .iter()
+            .take(nblocks)
+            .map(|b| {
+                let (k, v) = &blocks[b.id][li];
+                (k, v)
+            })
+            .unzip();
+        let k = Tensor::cat(&ks, 1)?.narrow(1, 0, end - first)?;
+        let v = Tensor::cat(&vs, 1)?.narrow(1, 0, end - first)?;
+        Ok((k, v, first))
+    }
+
+    /// Marks `n` more positions as cached and frees sliding blocks no future query can see.
+    pub fn commit(&mut self, seq: &mut SequenceKv, n: usize) {
+        seq.len += n;
+        let bs = self.cfg.block_size;
+        // The next query is at position seq.len; it sees keys k > seq.len - window.
+        let min_visible = (seq.len + 1).saturating_sub(self.window);
+        while let Some(b) = seq.tables[0].front().copied() {
+            if b.start + bs <= min_visible && seq.tables[0].len() > 1 {
+                seq.tables[0].pop_front();
+                self.stores[0].free.push(b.id);
+                self.stores[0].in_use -= 1;
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Returns every block of a finished (or cancelled) sequence to the free list.
+    pub fn release(&mut self, seq: &mut SequenceKv) {
+        for s in 0..2 {
+            while let Some(b) = seq.tables[s].pop_front() {
+                self.stores[s].free.push(b.id);
+                self.stores[s].in_use -= 1;
+            }
+        }
+        seq.released = true;
+        seq.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RopeParams;
+
+    fn cfg(layers: usize, window: usize) -> TextConfig {
+        TextConfig {
+            vocab_size: 10,
+            hidden_size: 8,
+            intermediate_size: 8,
+            num_hidden_layers: layers,
+            num_attention_heads: 2,
+            num_key_value_heads: 1,
+            head_dim: 4,
+            query_pre_attn_scalar: 4.0,
+            rms_norm_eps: 1e-6,
+            sliding_window: window,
+            layer_types: (0..layers)
+                .map(|i| {
+                    if (i + 1) % 2 == 0 {
+                        LayerType::Global
+                    } else {
+                        LayerType::Sliding
+                    }
+                })
+                .collect(),
+            rope_global: RopeParams {
+                theta: 1e6,
+                linear_factor: 1.0,
+            },
+            rope_local: RopeParams {
+                theta: 1e4,
+                linear_factor: 1.0,
+            },
+            max_position_embeddings: 1000,
+            tie_word_embeddings: true,
+            bos_token_id: Some(2),
+            pad_token_id: Some(0),
+            eos_token_ids: vec![1],
+        }
+    }
+
+    fn rows(start: usize, n: usize) -> Tensor {
+        let v: Vec<f32> = (start..start + n).flat_map(|p| [p as f32; 4]).collect();
+        Tensor::from_vec(v, (1, n, 4), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn write_gather_round_trip_across_blocks() -> Result<()> {
+        let c = cfg(2, 1000);
+        let mut kv = KvCache::new(
+            &c,
+            DType::F32,
+            &Device::Cpu,
+            KvCacheConfig {
+                block_size: 4,
+                max_bytes: None,
+            },
+        );
+        let mut s = kv.new_sequence();
+        for (start, n) in [(0, 6), (6, 1), (7, 5)] {
+            kv.reserve(&mut s, n)?;
+            for layer in 0..2 {
+                kv.write(&s, layer, &rows(start, n), &rows(start, n))?;
+            }
+            kv.commit(&mut s, n);
+        }
+        let (k, _, first) = kv.gather(&s, 1, 12)?;
+        assert_eq!(first, 0);
+        let got: Vec<f32> = k.squeeze(0)?.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
+        assert_eq!(got, (0..12).map(|p| p as f32).collect::<Vec<_>>());
+        assert_eq!(kv.blocks_in_use(), (3, 3));
+        kv.release(&mut s);
+        assert_eq!(kv.bytes_in_use(), 0);
+        assert!(kv.bytes_allocated() > 0);
+        kv.trim();
+        assert_eq!(kv.bytes_allocated(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn sliding_layers_keep_only_their_window() -> Result<()> {
+        let c = cfg(2, 5);
+        let mut kv = KvCache::new(
+            &c,
+            DType::F32,
+            &Device::Cpu,
+            KvCacheConfig {
+                block_size: 2,
+                max_bytes: None,
+            },
+        );
+        let mut s = kv.new_sequence();
+        for p in 0..40 {
+            kv.reserve(&mut s, 1)?;
+            for layer in 0..2 {
+                kv.write(&s, layer, &rows(p, 1), &rows(p, 1))?;
+            }
+            kv.commit(&mut s, 1);
+            // The next query (position p + 1) must still see p + 1 - 4 ..= p.
+            let (k, _, first) = kv.gather(&s, 0, p + 1)?;
+            let lo = (p + 2).saturating_sub(5);
+            assert!(first <= lo, "first {first} > needed {lo}");
+            let vals: Vec<f32> = k.squeeze(0)?.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
+            assert_eq!(vals[lo - first], lo as f32);
+        }
+        let (sliding, global) = kv.blocks_in_use();
+        assert!(sliding <= 4, "sliding blocks {sliding}");
+        assert_eq!(global, 20);
+        Ok(())
+    }
+
+    #[test]
+    fn byte_limit_is_enforced() {
+        let c = cfg(2, 100);
+        let mut kv = KvCache::new(
+            &c,
+            DType::F32,
+            &Device::Cpu,
+            KvCacheConfig {
+                block_size: 4,
+                max_bytes: Some(600),
+            },
+        );
+        let mut s = kv.new_sequence();
+        let e = kv.reserve(&mut s, 40).unwrap_err();
+        assert!(e.to_string().contains("KV cache is full"), "{e}");
+    }
+}
