@@ -368,7 +368,14 @@ impl Gemma3 {
         );
         let embed = match fetch(WeightName::Embed, &[t.vocab_size, h])? {
             Raw::Dense(x) => Embedding::Dense(x),
-            Raw::Quant(q) => Embedding::Quant(q),
+            Raw::Quant(q) => {
+                let (table, padded) = crate::cpu_layout::relayout(q, device)?;
+                Embedding::Quant {
+                    table,
+                    padded,
+                    hidden: h,
+                }
+            }
         };
         let mut layers = Vec::with_capacity(t.num_hidden_layers);
         for i in 0..t.num_hidden_layers {
@@ -382,7 +389,7 @@ impl Gemma3 {
             let pre_ff_norm = norm(LayerWeight::PreFfNorm, h)?;
             let post_ff_norm = norm(LayerWeight::PostFfNorm, h)?;
             let mut mat = |w: LayerWeight, out: usize, inp: usize| -> Result<Linear> {
-                to_linear(fetch(WeightName::Layer(i, w), &[out, inp])?)
+                to_linear(fetch(WeightName::Layer(i, w), &[out, inp])?, device)
             };
             layers.push(Layer {
                 kind: t.layer_type(i),
@@ -403,7 +410,7 @@ impl Gemma3 {
         }
         let final_norm = to_norm(fetch(WeightName::FinalNorm, &[h])?, device, eps)?;
         let lm_head = if has_lm_head {
-            to_linear(fetch(WeightName::LmHead, &[t.vocab_size, h])?)?
+            to_linear(fetch(WeightName::LmHead, &[t.vocab_size, h])?, device)?
         } else {
             embed.as_linear()?
         };
@@ -826,10 +833,13 @@ fn to_norm(raw: Raw, device: &Device, eps: f32) -> Result<RmsNorm> {
     Ok(RmsNorm { weight, eps })
 }
 
-fn to_linear(raw: Raw) -> Result<Linear> {
+fn to_linear(raw: Raw, device: &Device) -> Result<Linear> {
     Ok(match raw {
         Raw::Dense(x) => Linear::Dense(x),
-        Raw::Quant(q) => Linear::Quant(candle_core::quantized::QMatMul::from_arc(q)?),
+        Raw::Quant(q) => {
+            let (q, kp) = crate::cpu_layout::relayout(q, device)?;
+            Linear::Quant(candle_core::quantized::QMatMul::from_arc(q)?, kp)
+        }
     })
 }
 

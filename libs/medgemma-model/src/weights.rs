@@ -82,7 +82,8 @@ impl std::str::FromStr for Quantize {
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
     Dense(Tensor),
-    Quant(QMatMul),
+    /// A quantized matrix and the (possibly zero-padded) input width it expects.
+    Quant(QMatMul, usize),
 }
 
 impl Linear {
@@ -90,13 +91,10 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => x.matmul(&w.t()?),
-            Self::Quant(q) => {
+            Self::Quant(q, kp) => {
                 let dt = x.dtype();
-                if dt == DType::F32 {
-                    q.forward(x)
-                } else {
-                    q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt)
-                }
+                let x = crate::cpu_layout::pad_cols(&x.to_dtype(DType::F32)?, *kp)?;
+                q.forward(&x)?.to_dtype(dt)
             }
         }
     }
@@ -106,14 +104,30 @@ impl Linear {
 #[derive(Debug, Clone)]
 pub(crate) enum Embedding {
     Dense(Tensor),
-    Quant(Arc<QTensor>),
+    /// A quantized table (rows possibly zero-padded to `padded`) and the true width.
+    Quant {
+        table: Arc<QTensor>,
+        padded: usize,
+        hidden: usize,
+    },
 }
 
 impl Embedding {
     pub(crate) fn lookup(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => w.index_select(ids, 0),
-            Self::Quant(q) => q.embedding(ids),
+            Self::Quant {
+                table,
+                padded,
+                hidden,
+            } => {
+                let rows = table.embedding(ids)?;
+                if padded == hidden {
+                    Ok(rows)
+                } else {
+                    rows.narrow(1, 0, *hidden)
+                }
+            }
         }
     }
 
@@ -121,7 +135,9 @@ impl Embedding {
     pub(crate) fn as_linear(&self) -> candle_core::Result<Linear> {
         Ok(match self {
             Self::Dense(w) => Linear::Dense(w.clone()),
-            Self::Quant(q) => Linear::Quant(QMatMul::from_arc(q.clone())?),
+            Self::Quant { table, padded, .. } => {
+                Linear::Quant(QMatMul::from_arc(table.clone())?, *padded)
+            }
         })
     }
 }
