@@ -151,20 +151,51 @@ impl RmsNorm {
     }
 }
 
+/// Projections that share an input, fused into one matmul when their storage allows.
+#[derive(Debug)]
+enum Projections {
+    Fused { w: Linear, widths: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projections {
+    fn new(parts: Vec<Linear>, widths: Vec<usize>) -> Result<Self> {
+        Ok(match crate::weights::fuse(&parts)? {
+            Some(w) => Self::Fused { w, widths },
+            None => Self::Separate(parts),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        match self {
+            Self::Fused { w, widths } => {
+                let y = w.forward(x)?;
+                let mut off = 0;
+                widths
+                    .iter()
+                    .map(|&n| {
+                        let part = y.narrow(1, off, n);
+                        off += n;
+                        part
+                    })
+                    .collect()
+            }
+            Self::Separate(ws) => ws.iter().map(|w| w.forward(x)).collect(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Layer {
     kind: LayerType,
     input_norm: RmsNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    qkv: Projections,
     o: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     post_attn_norm: RmsNorm,
     pre_ff_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
+    gate_up: Projections,
     down: Linear,
     post_ff_norm: RmsNorm,
 }
@@ -391,20 +422,24 @@ impl Gemma3 {
             let mut mat = |w: LayerWeight, out: usize, inp: usize| -> Result<Linear> {
                 to_linear(fetch(WeightName::Layer(i, w), &[out, inp])?, device)
             };
+            let q = mat(LayerWeight::QProj, nh * hd, h)?;
+            let k = mat(LayerWeight::KProj, nkv * hd, h)?;
+            let v = mat(LayerWeight::VProj, nkv * hd, h)?;
+            let o = mat(LayerWeight::OProj, h, nh * hd)?;
+            let gate = mat(LayerWeight::Gate, ff, h)?;
+            let up = mat(LayerWeight::Up, ff, h)?;
+            let down = mat(LayerWeight::Down, h, ff)?;
             layers.push(Layer {
                 kind: t.layer_type(i),
                 input_norm,
-                q: mat(LayerWeight::QProj, nh * hd, h)?,
-                k: mat(LayerWeight::KProj, nkv * hd, h)?,
-                v: mat(LayerWeight::VProj, nkv * hd, h)?,
-                o: mat(LayerWeight::OProj, h, nh * hd)?,
+                qkv: Projections::new(vec![q, k, v], vec![nh * hd, nkv * hd, nkv * hd])?,
+                o,
                 q_norm,
                 k_norm,
                 post_attn_norm,
                 pre_ff_norm,
-                gate: mat(LayerWeight::Gate, ff, h)?,
-                up: mat(LayerWeight::Up, ff, h)?,
-                down: mat(LayerWeight::Down, h, ff)?,
+                gate_up: Projections::new(vec![gate, up], vec![ff, ff])?,
+                down,
                 post_ff_norm,
             });
         }
@@ -652,9 +687,10 @@ impl Gemma3 {
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = h.clone();
             let x = layer.input_norm.forward(&h)?;
-            let q = layer.q.forward(&x)?.reshape((total, nh, hd))?;
-            let k = layer.k.forward(&x)?.reshape((total, nkv, hd))?;
-            let v = layer.v.forward(&x)?.reshape((total, nkv, hd))?;
+            let qkv = layer.qkv.forward(&x)?;
+            let q = qkv[0].contiguous()?.reshape((total, nh, hd))?;
+            let k = qkv[1].contiguous()?.reshape((total, nkv, hd))?;
+            let v = qkv[2].contiguous()?.reshape((total, nkv, hd))?;
             let q = layer.q_norm.forward(&q)?;
             let k = layer.k_norm.forward(&k)?;
             let (cos, sin) = match layer.kind {
@@ -693,7 +729,7 @@ impl Gemma3 {
                     .narrow(1, o, n)?
                     .contiguous()?
                     .reshape((nkv, groups_per_kv * n, hd))?;
-                let scores = (qi.matmul(&kk.t()?.contiguous()?)? * scale)?;
+                let scores = (qi.matmul(&kk.t()?)? * scale)?;
                 let scores = scores
                     .to_dtype(DType::F32)?
                     .reshape((nkv, groups_per_kv, n, l))?;
@@ -704,7 +740,7 @@ impl Gemma3 {
                 let probs = candle_nn::ops::softmax_last_dim(&scores)?
                     .to_dtype(self.dtype)?
                     .reshape((nkv, groups_per_kv * n, l))?;
-                let out = probs.matmul(&vv.contiguous()?)?.reshape((nh, n, hd))?;
+                let out = probs.matmul(&vv)?.reshape((nh, n, hd))?;
                 outs.push(out);
             }
             let attn = if outs.len() == 1 {
@@ -720,9 +756,8 @@ impl Gemma3 {
             h = (residual + layer.post_attn_norm.forward(&attn)?)?;
             let residual = h.clone();
             let x = layer.pre_ff_norm.forward(&h)?;
-            let gate = layer.gate.forward(&x)?.gelu()?;
-            let up = layer.up.forward(&x)?;
-            let mlp = layer.down.forward(&(gate * up)?)?;
+            let gu = layer.gate_up.forward(&x)?;
+            let mlp = layer.down.forward(&(gu[0].gelu()? * &gu[1])?)?;
             h = (residual + layer.post_ff_norm.forward(&mlp)?)?;
             if let Some(out) = hidden_out.as_deref_mut() {
                 if li + 1 == self.layers.len() {

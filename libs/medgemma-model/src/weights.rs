@@ -100,6 +100,48 @@ impl Linear {
     }
 }
 
+/// Stacks matrices with the same input along their output rows, so one matmul computes them
+/// all (q/k/v, gate/up): fewer, larger kernels. `None` when their storage differs.
+pub(crate) fn fuse(parts: &[Linear]) -> Result<Option<Linear>> {
+    match parts {
+        [] => Ok(None),
+        [Linear::Dense(first), ..] => {
+            let mut ts = Vec::with_capacity(parts.len());
+            for p in parts {
+                match p {
+                    Linear::Dense(t) if t.dtype() == first.dtype() => ts.push(t.clone()),
+                    _ => return Ok(None),
+                }
+            }
+            Ok(Some(Linear::Dense(Tensor::cat(&ts, 0)?)))
+        }
+        [Linear::Quant(QMatMul::QTensor(first), kp), ..] => {
+            let (dt, k) = (first.dtype(), first.shape().dims2()?.1);
+            let mut bytes = Vec::new();
+            let mut rows = 0;
+            for p in parts {
+                match p {
+                    Linear::Quant(QMatMul::QTensor(q), kq)
+                        if q.dtype() == dt && kq == kp && q.shape().dims2()?.1 == k =>
+                    {
+                        bytes.extend_from_slice(&q.data()?);
+                        rows += q.shape().dims2()?.0;
+                    }
+                    _ => return Ok(None),
+                }
+            }
+            let storage = candle_core::quantized::QStorage::from_data(
+                std::borrow::Cow::Owned(bytes),
+                &first.device(),
+                dt,
+            )?;
+            let q = QTensor::new(storage, (rows, k))?;
+            Ok(Some(Linear::Quant(QMatMul::from_arc(Arc::new(q))?, *kp)))
+        }
+        [Linear::Quant(..), ..] => Ok(None),
+    }
+}
+
 /// The token embedding: dense rows or a quantized table looked up row by row.
 #[derive(Debug, Clone)]
 pub(crate) enum Embedding {
