@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The project's test command (README, and what .ci/run calls): fetches the demo assets, then
+# formatting, lints and every test. Hermetic apart from the one-time asset download.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/medgemma-serve/target}"
+export MEDGEMMA_REQUIRE_ASSETS="${MEDGEMMA_REQUIRE_ASSETS:-1}"
+cargo fmt --all --check
+cargo run -q -p medgemma-cli -- fetch-demo
+# Real DICOM radiographs for the vision tests (PyPI pydicom-data, pinned; sha256-checked by
+# the tests themselves).
+dicom_dir="${MEDGEMMA_CACHE_DIR:-$HOME/.cache/medgemma}/demo/pydicom-data"
+if [ ! -f "$dicom_dir/eCT_Supplemental.dcm" ]; then
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps pydicom-data==1.0.0 -d "$tmp"
+  mkdir -p "$dicom_dir"
+  python3 - "$tmp" "$dicom_dir" <<'PY'
+import glob, os, sys, zipfile
+want = {"RG1_UNCI.dcm", "RG1_J2KR.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm", "eCT_Supplemental.dcm"}
+with zipfile.ZipFile(glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]) as z:
+    for n in z.namelist():
+        if os.path.basename(n) in want:
+            with open(os.path.join(sys.argv[2], os.path.basename(n)), "wb") as f:
+                f.write(z.read(n))
+PY
+  rm -rf "$tmp"
+fi
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
