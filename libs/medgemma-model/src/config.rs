@@ -150,7 +150,7 @@ impl TextConfig {
         if self.sliding_window == 0 {
             return bad("sliding_window must be positive".into());
         }
-        if !(self.query_pre_attn_scalar > 0.0) {
+        if self.query_pre_attn_scalar.is_nan() || self.query_pre_attn_scalar <= 0.0 {
             return bad("query_pre_attn_scalar must be positive".into());
         }
         Ok(())
@@ -215,7 +215,7 @@ fn rope_from(block: Option<&Value>, default_theta: f64, path: &Path) -> Result<R
             ));
         }
     };
-    if !(linear_factor > 0.0) || !(theta > 0.0) {
+    if linear_factor.is_nan() || linear_factor <= 0.0 || theta.is_nan() || theta <= 0.0 {
         return Err(ModelError::config(
             path,
             "rope theta and factor must be positive",

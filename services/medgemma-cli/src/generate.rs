@@ -1,0 +1,265 @@
+//! `medgemma generate`: one prompt through a model, printed as text or as one JSON object.
+//!
+//! This interface is a contract (other checks drive it): flags are only ever added.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use medgemma_engine::generate::{Engine, GenerationRequest, TokenEvent};
+use medgemma_engine::sampling::SamplingParams;
+use medgemma_model::{Gemma3, KvCacheConfig, LoadOptions, ModelDType, Quantize};
+use medgemma_tokenizer::{ChatMessage, ChatTemplate, ContentPart, Tokenizer};
+
+/// Flags of `medgemma generate`.
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// A Hugging Face checkpoint directory or a .gguf file.
+    #[arg(long, env = "MEDGEMMA_MODEL")]
+    pub model: PathBuf,
+    /// tokenizer.json or a directory holding it (default: the model directory's, or the GGUF's
+    /// own vocabulary).
+    #[arg(long, env = "MEDGEMMA_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+    /// System prompt, folded into the first user turn as Gemma 3's template does.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// The user prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// Image files placed before the prompt text (PNG, JPEG, DICOM, ...).
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    /// Skip the chat template (BOS is still prepended).
+    #[arg(long)]
+    pub raw: bool,
+    /// Run a GGUF model's weights dequantized to f32.
+    #[arg(long)]
+    pub dequantize: bool,
+    /// Quantize safetensors weights at load: q8_0 or q4k (cached as GGUF in --cache-dir).
+    #[arg(long, env = "MEDGEMMA_QUANTIZE")]
+    pub quantize: Option<Quantize>,
+    /// f32 (fast on CPU) or bf16 (the production dtype on GPU). f16 is refused for Gemma 3.
+    #[arg(long, env = "MEDGEMMA_DTYPE", default_value = "f32")]
+    pub dtype: ModelDType,
+    /// cpu, or cuda / cuda:N (needs a build with the `cuda` feature).
+    #[arg(long, env = "MEDGEMMA_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Where quantized models are cached (default: $MEDGEMMA_CACHE_DIR/quantized).
+    #[arg(long, env = "MEDGEMMA_QUANT_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Most tokens to generate; 0 only tokenizes and prefills.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy (the default).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Do not stop on eos ids.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Constrain the output to this JSON schema (a file path or inline JSON).
+    #[arg(long)]
+    pub json_schema: Option<String>,
+    /// Constrain the output to this regular expression.
+    #[arg(long, conflicts_with = "json_schema")]
+    pub regex: Option<String>,
+    /// Report the top-N alternatives' logprobs of each token (with --json).
+    #[arg(long, default_value_t = 0)]
+    pub top_logprobs: usize,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
+    match spec {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ord: usize = s.strip_prefix("cuda:").map(str::parse).transpose()?.unwrap_or(0);
+            candle_core::Device::new_cuda(ord)
+                .with_context(|| format!("device {s}: this build has no CUDA support or no such GPU (build with --features cuda)"))
+        }
+        other => bail!("unknown device {other:?} (expected cpu, cuda or cuda:N)"),
+    }
+}
+
+/// Loads the tokenizer the way `generate` and `bench` do.
+pub fn load_tokenizer(model: &Path, explicit: Option<&Path>) -> anyhow::Result<Tokenizer> {
+    if let Some(p) = explicit {
+        return Tokenizer::from_path(p).with_context(|| format!("loading tokenizer {}", p.display()));
+    }
+    if model.is_dir() {
+        return Tokenizer::from_path(model).with_context(|| format!("loading the tokenizer of {}", model.display()));
+    }
+    let mut f = std::fs::File::open(model).with_context(|| format!("opening {}", model.display()))?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut f)
+        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", model.display()))?;
+    Tokenizer::from_gguf(&content).with_context(|| format!("building the tokenizer from {}'s GGUF vocabulary", model.display()))
+}
+
+pub fn load_options(dtype: ModelDType, device_spec: &str, quantize: Option<Quantize>, dequantize: bool, cache_dir: Option<PathBuf>) -> anyhow::Result<LoadOptions> {
+    let progress: Option<medgemma_model::ProgressFn> = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("loading weights {bar:30} {pos}/{len} tensors")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(Arc::new(move |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+            if done >= total {
+                bar.finish_and_clear();
+            }
+        }))
+    } else {
+        None
+    };
+    Ok(LoadOptions {
+        dtype,
+        device: device(device_spec)?,
+        quantize,
+        dequantize,
+        cache_dir: Some(cache_dir.unwrap_or_else(|| medgemma_assets::cache_dir().join("quantized"))),
+        progress,
+    })
+}
+
+pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
+    if a.raw && a.system.is_some() {
+        bail!("--raw skips the chat template, so --system has nowhere to go; drop one of them");
+    }
+    if !a.images.is_empty() {
+        bail!("--image needs the MedGemma vision encoder, which this build does not have yet; run without --image");
+    }
+    let tokenizer = load_tokenizer(&a.model, a.tokenizer.as_deref())?;
+    let prompt_ids = if a.raw {
+        tokenizer.encode(&a.prompt, true)?
+    } else {
+        let template = match tokenizer.chat_template() {
+            Some(t) => t.clone(),
+            None => {
+                let t = ChatTemplate::gemma3_default(medgemma_assets::cache_dir()).context(
+                    "the model carries no chat template and the Gemma 3 template from the fetched tokenizer is missing (run `medgemma fetch-demo`, or pass --raw)",
+                )?;
+                if let Some(note) = t.fallback_notice() {
+                    eprintln!("{note}");
+                }
+                t
+            }
+        };
+        let mut messages = Vec::new();
+        if let Some(s) = &a.system {
+            messages.push(ChatMessage::system(s.clone()));
+        }
+        messages.push(ChatMessage::new("user", vec![ContentPart::Text(a.prompt.clone())]));
+        let rendered = template.render(&messages, true)?;
+        tokenizer.encode(&rendered, true)?
+    };
+    let opts = load_options(a.dtype, &a.device, a.quantize, a.dequantize, a.cache_dir.clone())?;
+    let model = Gemma3::load(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
+    let info = model.info().clone();
+    tracing::info!(format = %info.format, weight_bytes = info.weight_bytes, types = ?info.tensor_types, "model loaded");
+    let constraint = match (&a.json_schema, &a.regex) {
+        (Some(s), _) => {
+            let text = if Path::new(s).exists() { std::fs::read_to_string(s)? } else { s.clone() };
+            let v: serde_json::Value = serde_json::from_str(&text).context("--json-schema is not valid JSON")?;
+            Some(medgemma_engine::constraint::ConstraintSpec::JsonSchema(v))
+        }
+        (None, Some(r)) => Some(medgemma_engine::constraint::ConstraintSpec::Regex(r.clone())),
+        (None, None) => None,
+    };
+    let req = GenerationRequest {
+        prompt_ids,
+        image_embeds: None,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repetition_penalty: a.repetition_penalty,
+            frequency_penalty: a.frequency_penalty,
+            presence_penalty: a.presence_penalty,
+            seed: a.seed,
+            top_logprobs: a.top_logprobs,
+        },
+        max_new_tokens: a.max_new_tokens,
+        stop_strings: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+        constraint,
+    };
+    let mut engine = Engine::new(Arc::new(model), Arc::new(tokenizer), KvCacheConfig::default());
+    let stream = !a.json;
+    let mut stdout = std::io::stdout();
+    let out = engine.generate(&req, &mut |ev: &TokenEvent<'_>| {
+        if stream && !ev.text_delta.is_empty() {
+            let _ = stdout.write_all(ev.text_delta.as_bytes());
+            let _ = stdout.flush();
+        }
+        true
+    })?;
+    if a.json {
+        let tok = engine.tokenizer();
+        let logprobs: Vec<serde_json::Value> = out
+            .logprobs
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "token_id": s.token,
+                    "logprob": s.logprob,
+                    "top": s.top.iter().map(|(id, lp)| serde_json::json!({"token_id": id, "token": tok.id_to_token(*id), "logprob": lp})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let j = serde_json::json!({
+            "prompt_token_ids": out.prompt_token_ids,
+            "token_ids": out.token_ids,
+            "text": out.text,
+            "finish_reason": out.finish_reason.as_str(),
+            "prompt_tokens": out.prompt_token_ids.len(),
+            "completion_tokens": out.token_ids.len(),
+            "prefill_tokens_per_s": out.prefill_tokens_per_s(),
+            "decode_tokens_per_s": out.decode_tokens_per_s(),
+            "prefill_seconds": out.prefill_time.as_secs_f64(),
+            "decode_seconds": out.decode_time.as_secs_f64(),
+            "kv_cache_bytes_peak": out.kv_bytes_peak,
+            "logprobs": logprobs,
+            "model": {
+                "path": a.model,
+                "format": info.format,
+                "weight_bytes": info.weight_bytes,
+                "tensor_types": info.tensor_types,
+                "quantization_cache": info.cache_file,
+            },
+        });
+        println!("{j}");
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {} generated, finish: {}, prefill {:.1} tok/s, decode {:.1} tok/s]",
+            out.prompt_token_ids.len(),
+            out.token_ids.len(),
+            out.finish_reason.as_str(),
+            out.prefill_tokens_per_s(),
+            out.decode_tokens_per_s()
+        );
+    }
+    Ok(())
+}
