@@ -73,8 +73,10 @@ pub enum ConstraintSpec {
     /// A JSON schema (llguidance's supported subset: objects with
     /// required/optional properties, `additionalProperties`, arrays, enums,
     /// const, string/integer/number/boolean/null, anyOf, `$ref`, ...).
-    /// The whole output must be one JSON value; insignificant whitespace is
-    /// allowed between tokens.
+    /// The whole output must be one JSON value, written compactly (`", "` and
+    /// `": "` separators, no other whitespace) unless the schema carries its own
+    /// llguidance `x-guidance` options: free whitespace lets a small model loop
+    /// on blanks until it runs out of tokens.
     JsonSchema(serde_json::Value),
     /// A Rust-`regex`-syntax regular expression the whole output must match.
     Regex(String),
@@ -435,7 +437,7 @@ impl ConstraintFactory {
                         "JSON schema nested deeper than {MAX_SCHEMA_DEPTH} levels"
                     )));
                 }
-                TopLevelGrammar::from_json_schema(schema.clone())
+                TopLevelGrammar::from_json_schema(compact_json(schema))
             }
             ConstraintSpec::Regex(rx) => {
                 // llguidance's regex-to-lark rewrite silently drops a dangling `\`.
@@ -566,4 +568,19 @@ impl Constraint {
     pub fn committed_tokens(&self) -> usize {
         self.tokens
     }
+}
+
+/// Adds llguidance's compact-JSON options to a schema that sets none.
+fn compact_json(schema: &serde_json::Value) -> serde_json::Value {
+    let mut s = schema.clone();
+    if let Some(obj) = s.as_object_mut() {
+        obj.entry("x-guidance").or_insert_with(|| {
+            serde_json::json!({
+                "whitespace_flexible": false,
+                "item_separator": ", ",
+                "key_separator": ": "
+            })
+        });
+    }
+    s
 }
