@@ -49,9 +49,15 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
-    let model_path = a.model.clone().unwrap_or_else(|| medgemma_assets::demo_paths().gguf);
+    let model_path = a
+        .model
+        .clone()
+        .unwrap_or_else(|| medgemma_assets::demo_paths().gguf);
     if !model_path.exists() {
-        bail!("{} does not exist (run `medgemma fetch-demo` or pass --model)", model_path.display());
+        bail!(
+            "{} does not exist (run `medgemma fetch-demo` or pass --model)",
+            model_path.display()
+        );
     }
     let threads = candle_core::utils::get_num_threads();
     let opts = crate::generate::load_options(ModelDType::F32, "cpu", None, a.dequantize, None)?;
@@ -71,7 +77,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     // Warm-up.
     {
         let mut s = kv.new_sequence();
-        model.forward(&mut kv, &mut [SeqInput { kv: &mut s, tokens: &prompt[..prompt.len().min(16)], image_embeds: None, logits: LogitsRows::Last }])?;
+        model.forward(
+            &mut kv,
+            &mut [SeqInput {
+                kv: &mut s,
+                tokens: &prompt[..prompt.len().min(16)],
+                image_embeds: None,
+                logits: LogitsRows::Last,
+            }],
+        )?;
         kv.release(&mut s);
     }
     let mut pp = Vec::new();
@@ -79,7 +93,15 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     for _ in 0..a.reps {
         let mut s = kv.new_sequence();
         let t0 = Instant::now();
-        model.forward(&mut kv, &mut [SeqInput { kv: &mut s, tokens: &prompt, image_embeds: None, logits: LogitsRows::Last }])?;
+        model.forward(
+            &mut kv,
+            &mut [SeqInput {
+                kv: &mut s,
+                tokens: &prompt,
+                image_embeds: None,
+                logits: LogitsRows::Last,
+            }],
+        )?;
         pp.push(prompt.len() as f64 / t0.elapsed().as_secs_f64());
         kv.release(&mut s);
         // Decode from an empty context, as llama-bench's tg test does.
@@ -87,40 +109,86 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         let mut tok = 2u32;
         let t0 = Instant::now();
         for _ in 0..a.gen_tokens {
-            let out = model.forward(&mut kv, &mut [SeqInput { kv: &mut s, tokens: &[tok], image_embeds: None, logits: LogitsRows::Last }])?;
-            let row: Vec<f32> = out[0].as_ref().context("no logits")?.squeeze(0)?.to_vec1()?;
-            tok = row.iter().enumerate().fold((0usize, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+            let out = model.forward(
+                &mut kv,
+                &mut [SeqInput {
+                    kv: &mut s,
+                    tokens: &[tok],
+                    image_embeds: None,
+                    logits: LogitsRows::Last,
+                }],
+            )?;
+            let row: Vec<f32> = out[0]
+                .as_ref()
+                .context("no logits")?
+                .squeeze(0)?
+                .to_vec1()?;
+            tok = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0usize, f32::MIN),
+                    |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                )
+                .0 as u32;
         }
         tg.push(a.gen_tokens as f64 / t0.elapsed().as_secs_f64());
         kv.release(&mut s);
     }
     let mut rows = Vec::new();
     let (m, sd) = mean_sd(&pp);
-    rows.push(Row { engine: "medgemma".into(), test: format!("pp{}", a.prompt_tokens), tok_s: m, stddev: sd });
+    rows.push(Row {
+        engine: "medgemma".into(),
+        test: format!("pp{}", a.prompt_tokens),
+        tok_s: m,
+        stddev: sd,
+    });
     let (m, sd) = mean_sd(&tg);
-    rows.push(Row { engine: "medgemma".into(), test: format!("tg{}", a.gen_tokens), tok_s: m, stddev: sd });
+    rows.push(Row {
+        engine: "medgemma".into(),
+        test: format!("tg{}", a.gen_tokens),
+        tok_s: m,
+        stddev: sd,
+    });
 
     let llama = a.llama_bench.clone().or_else(|| which("llama-bench"));
     let mut llama_cmd = None;
     if let Some(lb) = llama.filter(|p| p.exists()) {
         let args = vec![
-            "-m".to_string(), model_path.display().to_string(),
-            "-t".into(), threads.to_string(),
-            "-p".into(), a.prompt_tokens.to_string(),
-            "-n".into(), a.gen_tokens.to_string(),
-            "-r".into(), a.reps.to_string(),
-            "-o".into(), "json".into(),
+            "-m".to_string(),
+            model_path.display().to_string(),
+            "-t".into(),
+            threads.to_string(),
+            "-p".into(),
+            a.prompt_tokens.to_string(),
+            "-n".into(),
+            a.gen_tokens.to_string(),
+            "-r".into(),
+            a.reps.to_string(),
+            "-o".into(),
+            "json".into(),
         ];
         let cmdline = format!("{} {}", lb.display(), args.join(" "));
-        let out = Command::new(&lb).args(&args).output().with_context(|| format!("running {cmdline}"))?;
+        let out = Command::new(&lb)
+            .args(&args)
+            .output()
+            .with_context(|| format!("running {cmdline}"))?;
         if !out.status.success() {
-            eprintln!("llama-bench failed: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "llama-bench failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         } else {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing llama-bench JSON")?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&out.stdout).context("parsing llama-bench JSON")?;
             for r in v.as_array().into_iter().flatten() {
                 let np = r["n_prompt"].as_u64().unwrap_or(0);
                 let ng = r["n_gen"].as_u64().unwrap_or(0);
-                let test = if np > 0 { format!("pp{np}") } else { format!("tg{ng}") };
+                let test = if np > 0 {
+                    format!("pp{np}")
+                } else {
+                    format!("tg{ng}")
+                };
                 rows.push(Row {
                     engine: "llama.cpp".into(),
                     test,
@@ -131,29 +199,53 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
         llama_cmd = Some(cmdline);
     }
-    println!("model: {} ({} threads, {})", model_path.display(), threads, if a.dequantize { "dequantized f32" } else { "quantized" });
+    println!(
+        "model: {} ({} threads, {})",
+        model_path.display(),
+        threads,
+        if a.dequantize {
+            "dequantized f32"
+        } else {
+            "quantized"
+        }
+    );
     println!("| engine    | test  |      tok/s |   ± | vs llama.cpp |");
     println!("|-----------|-------|-----------:|----:|-------------:|");
     let mut json_rows = Vec::new();
     for r in &rows {
-        let peer = rows.iter().find(|p| p.engine == "llama.cpp" && p.test == r.test).map(|p| p.tok_s);
+        let peer = rows
+            .iter()
+            .find(|p| p.engine == "llama.cpp" && p.test == r.test)
+            .map(|p| p.tok_s);
         let ratio = match (r.engine.as_str(), peer) {
             ("medgemma", Some(p)) if p > 0.0 => format!("{:.2}x", r.tok_s / p),
             _ => "".into(),
         };
-        println!("| {:<9} | {:<5} | {:>10.1} | {:>3.0} | {:>12} |", r.engine, r.test, r.tok_s, r.stddev, ratio);
+        println!(
+            "| {:<9} | {:<5} | {:>10.1} | {:>3.0} | {:>12} |",
+            r.engine, r.test, r.tok_s, r.stddev, ratio
+        );
         json_rows.push(serde_json::json!({"engine": r.engine, "test": r.test, "tok_s": r.tok_s, "stddev": r.stddev}));
     }
     match &llama_cmd {
         Some(c) => println!("llama.cpp command: {c}"),
-        None => println!("llama.cpp: not found (pass --llama-bench PATH; see tools/llama-cpp/README.md)"),
+        None => println!(
+            "llama.cpp: not found (pass --llama-bench PATH; see tools/llama-cpp/README.md)"
+        ),
     }
     if a.json {
-        println!("{}", serde_json::json!({"threads": threads, "rows": json_rows, "llama_cpp_command": llama_cmd}));
+        println!(
+            "{}",
+            serde_json::json!({"threads": threads, "rows": json_rows, "llama_cpp_command": llama_cmd})
+        );
     }
     Ok(())
 }
 
 fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|c| c.is_file()))
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|c| c.is_file())
+    })
 }

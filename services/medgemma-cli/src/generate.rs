@@ -93,7 +93,11 @@ pub fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
     match spec {
         "cpu" => Ok(candle_core::Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
-            let ord: usize = s.strip_prefix("cuda:").map(str::parse).transpose()?.unwrap_or(0);
+            let ord: usize = s
+                .strip_prefix("cuda:")
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or(0);
             candle_core::Device::new_cuda(ord)
                 .with_context(|| format!("device {s}: this build has no CUDA support or no such GPU (build with --features cuda)"))
         }
@@ -104,18 +108,32 @@ pub fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
 /// Loads the tokenizer the way `generate` and `bench` do.
 pub fn load_tokenizer(model: &Path, explicit: Option<&Path>) -> anyhow::Result<Tokenizer> {
     if let Some(p) = explicit {
-        return Tokenizer::from_path(p).with_context(|| format!("loading tokenizer {}", p.display()));
+        return Tokenizer::from_path(p)
+            .with_context(|| format!("loading tokenizer {}", p.display()));
     }
     if model.is_dir() {
-        return Tokenizer::from_path(model).with_context(|| format!("loading the tokenizer of {}", model.display()));
+        return Tokenizer::from_path(model)
+            .with_context(|| format!("loading the tokenizer of {}", model.display()));
     }
-    let mut f = std::fs::File::open(model).with_context(|| format!("opening {}", model.display()))?;
+    let mut f =
+        std::fs::File::open(model).with_context(|| format!("opening {}", model.display()))?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut f)
         .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", model.display()))?;
-    Tokenizer::from_gguf(&content).with_context(|| format!("building the tokenizer from {}'s GGUF vocabulary", model.display()))
+    Tokenizer::from_gguf(&content).with_context(|| {
+        format!(
+            "building the tokenizer from {}'s GGUF vocabulary",
+            model.display()
+        )
+    })
 }
 
-pub fn load_options(dtype: ModelDType, device_spec: &str, quantize: Option<Quantize>, dequantize: bool, cache_dir: Option<PathBuf>) -> anyhow::Result<LoadOptions> {
+pub fn load_options(
+    dtype: ModelDType,
+    device_spec: &str,
+    quantize: Option<Quantize>,
+    dequantize: bool,
+    cache_dir: Option<PathBuf>,
+) -> anyhow::Result<LoadOptions> {
     let progress: Option<medgemma_model::ProgressFn> = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -137,7 +155,9 @@ pub fn load_options(dtype: ModelDType, device_spec: &str, quantize: Option<Quant
         device: device(device_spec)?,
         quantize,
         dequantize,
-        cache_dir: Some(cache_dir.unwrap_or_else(|| medgemma_assets::cache_dir().join("quantized"))),
+        cache_dir: Some(
+            cache_dir.unwrap_or_else(|| medgemma_assets::cache_dir().join("quantized")),
+        ),
         progress,
     })
 }
@@ -147,7 +167,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         bail!("--raw skips the chat template, so --system has nowhere to go; drop one of them");
     }
     if !a.images.is_empty() {
-        bail!("--image needs the MedGemma vision encoder, which this build does not have yet; run without --image");
+        bail!(
+            "--image needs the MedGemma vision encoder, which this build does not have yet; run without --image"
+        );
     }
     let tokenizer = load_tokenizer(&a.model, a.tokenizer.as_deref())?;
     let prompt_ids = if a.raw {
@@ -169,21 +191,38 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         if let Some(s) = &a.system {
             messages.push(ChatMessage::system(s.clone()));
         }
-        messages.push(ChatMessage::new("user", vec![ContentPart::Text(a.prompt.clone())]));
+        messages.push(ChatMessage::new(
+            "user",
+            vec![ContentPart::Text(a.prompt.clone())],
+        ));
         let rendered = template.render(&messages, true)?;
         tokenizer.encode(&rendered, true)?
     };
-    let opts = load_options(a.dtype, &a.device, a.quantize, a.dequantize, a.cache_dir.clone())?;
-    let model = Gemma3::load(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
+    let opts = load_options(
+        a.dtype,
+        &a.device,
+        a.quantize,
+        a.dequantize,
+        a.cache_dir.clone(),
+    )?;
+    let model =
+        Gemma3::load(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
     let info = model.info().clone();
     tracing::info!(format = %info.format, weight_bytes = info.weight_bytes, types = ?info.tensor_types, "model loaded");
     let constraint = match (&a.json_schema, &a.regex) {
         (Some(s), _) => {
-            let text = if Path::new(s).exists() { std::fs::read_to_string(s)? } else { s.clone() };
-            let v: serde_json::Value = serde_json::from_str(&text).context("--json-schema is not valid JSON")?;
+            let text = if Path::new(s).exists() {
+                std::fs::read_to_string(s)?
+            } else {
+                s.clone()
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(&text).context("--json-schema is not valid JSON")?;
             Some(medgemma_engine::constraint::ConstraintSpec::JsonSchema(v))
         }
-        (None, Some(r)) => Some(medgemma_engine::constraint::ConstraintSpec::Regex(r.clone())),
+        (None, Some(r)) => Some(medgemma_engine::constraint::ConstraintSpec::Regex(
+            r.clone(),
+        )),
         (None, None) => None,
     };
     let req = GenerationRequest {
@@ -205,7 +244,11 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         ignore_eos: a.ignore_eos,
         constraint,
     };
-    let mut engine = Engine::new(Arc::new(model), Arc::new(tokenizer), KvCacheConfig::default());
+    let mut engine = Engine::new(
+        Arc::new(model),
+        Arc::new(tokenizer),
+        KvCacheConfig::default(),
+    );
     let stream = !a.json;
     let mut stdout = std::io::stdout();
     let out = engine.generate(&req, &mut |ev: &TokenEvent<'_>| {

@@ -10,7 +10,11 @@ mod generate;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "medgemma", version, about = "Serve Google's MedGemma models (Gemma 3) on candle")]
+#[command(
+    name = "medgemma",
+    version,
+    about = "Serve Google's MedGemma models (Gemma 3) on candle"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,7 +48,9 @@ struct FetchDemoArgs {
 #[allow(unsafe_code)]
 fn pin_thread_count() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         // SAFETY: called at the top of main, before any other thread exists.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
     }
@@ -72,7 +78,10 @@ fn main() {
 }
 
 fn fetch_demo(a: FetchDemoArgs) -> anyhow::Result<()> {
-    let cache = a.cache_dir.clone().unwrap_or_else(medgemma_assets::cache_dir);
+    let cache = a
+        .cache_dir
+        .clone()
+        .unwrap_or_else(medgemma_assets::cache_dir);
     if a.print_paths {
         let p = medgemma_assets::DemoPaths::under(&cache);
         println!("gguf\t{}", p.gguf.display());
