@@ -343,3 +343,79 @@ fn sharded_checkpoint_layout_is_detected() {
     let ck = medgemma_model::SafetensorsCheckpoint::open(&dir).unwrap();
     assert_eq!(ck.layout(), &medgemma_model::HfLayout::TextOnly);
 }
+
+#[test]
+fn tiny_4b_legacy_multimodal_checkpoint_serves_text() {
+    let (m, g) = (load("tiny-4b", ModelDType::F32), golden("tiny-4b"));
+    let dir = repo_root().join("fixtures/tiny-4b");
+    let ck = medgemma_model::SafetensorsCheckpoint::open(&dir).unwrap();
+    assert_eq!(ck.layout(), &medgemma_model::HfLayout::LegacyMultimodal);
+    assert!(m.config().multimodal.is_some());
+    check_case(&m, &g, "text_chat");
+}
+
+#[test]
+fn tiny_4b_image_prompt_with_reference_image_features() {
+    let (m, g) = (load("tiny-4b", ModelDType::F32), golden("tiny-4b"));
+    let c = case(&g, "image_chat");
+    let prompt = ids(&c["prompt_ids"]);
+    let image_id = m.config().multimodal.as_ref().unwrap().image_token_index;
+    let positions: Vec<usize> = prompt.iter().enumerate().filter(|(_, t)| **t == image_id).map(|(i, _)| i).collect();
+    assert_eq!(serde_json::json!(positions), c["image_token_positions"]);
+    let feats = &g.tensors["image_chat.image_features"];
+    let (logits, hidden) = m.forward_with_hidden_states(&prompt, Some(feats)).unwrap();
+    let d = max_abs_diff(&logits, &g.tensors["image_chat.logits"]);
+    assert!(d <= TOL, "image prompt logits differ by {d}");
+    for (i, h) in hidden.iter().enumerate() {
+        let d = max_abs_diff(h, &g.tensors[&format!("image_chat.hidden.{i}")]);
+        assert!(d <= TOL, "image prompt hidden state {i} differs by {d}");
+    }
+    // Greedy with the KV cache: prefill with the image, then plain decode.
+    let want = ids(&c["greedy_ids"]);
+    let mut kv = m.new_kv_cache(KvCacheConfig { block_size: 4, max_bytes: None });
+    let mut s = kv.new_sequence();
+    let mut got = Vec::new();
+    let mut next = prompt.clone();
+    let mut embeds = Some(feats);
+    while got.len() < want.len() {
+        let lg = m
+            .forward(&mut kv, &mut [SeqInput { kv: &mut s, tokens: &next, image_embeds: embeds.take(), logits: LogitsRows::Last }])
+            .unwrap();
+        let t = argmax(&lg[0].as_ref().unwrap().get(0).unwrap());
+        got.push(t);
+        next = vec![t];
+    }
+    assert_eq!(got, want);
+}
+
+#[test]
+fn transformers_v5_multimodal_layout_loads_the_same_model() {
+    let src = repo_root().join("fixtures/tiny-4b");
+    let tmp = tempfile::tempdir().unwrap();
+    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let renamed: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            let k = if let Some(r) = k.strip_prefix("language_model.model.") {
+                format!("model.language_model.{r}")
+            } else if let Some(r) = k.strip_prefix("language_model.") {
+                r.to_string()
+            } else {
+                format!("model.{k}")
+            };
+            (k, v)
+        })
+        .collect();
+    candle_core::safetensors::save(&renamed, tmp.path().join("model.safetensors")).unwrap();
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
+    }
+    let ck = medgemma_model::SafetensorsCheckpoint::open(tmp.path()).unwrap();
+    assert_eq!(ck.layout(), &medgemma_model::HfLayout::Multimodal);
+    let m = Gemma3::load(tmp.path(), &LoadOptions::default()).unwrap();
+    let g = golden("tiny-4b");
+    let prompt = ids(&case(&g, "text_chat")["prompt_ids"]);
+    let (logits, _) = m.forward_with_hidden_states(&prompt, None).unwrap();
+    let d = max_abs_diff(&logits, &g.tensors["text_chat.logits"]);
+    assert!(d <= TOL, "v5 layout logits differ by {d}");
+}
