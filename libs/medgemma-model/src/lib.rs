@@ -10,6 +10,7 @@
 //! This crate knows nothing of tokenizers, sampling or gRPC.
 
 mod config;
+mod cpu_gemv;
 mod cpu_layout;
 mod error;
 mod kv_cache;

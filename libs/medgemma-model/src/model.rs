@@ -873,7 +873,8 @@ fn to_linear(raw: Raw, device: &Device) -> Result<Linear> {
         Raw::Dense(x) => Linear::Dense(x),
         Raw::Quant(q) => {
             let (q, kp) = crate::cpu_layout::relayout(q, device)?;
-            Linear::Quant(candle_core::quantized::QMatMul::from_arc(q)?, kp)
+            let packed = crate::cpu_gemv::PackedQ8::for_decode(&q, kp)?;
+            Linear::Quant(candle_core::quantized::QMatMul::from_arc(q)?, kp, packed)
         }
     })
 }

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use serde_json::Value;
 
 use crate::config::ModelConfig;
+use crate::cpu_gemv::PackedQ8;
 use crate::error::{ModelError, Result};
 
 /// Quantization applied to safetensors weights at load time.
@@ -82,8 +83,9 @@ impl std::str::FromStr for Quantize {
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
     Dense(Tensor),
-    /// A quantized matrix and the (possibly zero-padded) input width it expects.
-    Quant(QMatMul, usize),
+    /// A quantized matrix, the (possibly zero-padded) input width it expects, and the CPU
+    /// decode kernel's copy of it (padded Q8_0 only; see `cpu_gemv`).
+    Quant(QMatMul, usize, Option<Arc<PackedQ8>>),
 }
 
 impl Linear {
@@ -91,8 +93,13 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => x.matmul(&w.t()?),
-            Self::Quant(q, kp) => {
+            Self::Quant(q, kp, packed) => {
                 let dt = x.dtype();
+                if let Some(p) = packed
+                    && let Some(y) = crate::cpu_gemv::forward(p, x, *kp)?
+                {
+                    return y.to_dtype(dt);
+                }
                 let x = crate::cpu_layout::pad_cols(&x.to_dtype(DType::F32)?, *kp)?;
                 q.forward(&x)?.to_dtype(dt)
             }
@@ -115,13 +122,13 @@ pub(crate) fn fuse(parts: &[Linear]) -> Result<Option<Linear>> {
             }
             Ok(Some(Linear::Dense(Tensor::cat(&ts, 0)?)))
         }
-        [Linear::Quant(QMatMul::QTensor(first), kp), ..] => {
+        [Linear::Quant(QMatMul::QTensor(first), kp, first_packed), ..] => {
             let (dt, k) = (first.dtype(), first.shape().dims2()?.1);
             let mut bytes = Vec::new();
             let mut rows = 0;
             for p in parts {
                 match p {
-                    Linear::Quant(QMatMul::QTensor(q), kq)
+                    Linear::Quant(QMatMul::QTensor(q), kq, _)
                         if q.dtype() == dt && kq == kp && q.shape().dims2()?.1 == k =>
                     {
                         bytes.extend_from_slice(&q.data()?);
@@ -136,7 +143,15 @@ pub(crate) fn fuse(parts: &[Linear]) -> Result<Option<Linear>> {
                 dt,
             )?;
             let q = QTensor::new(storage, (rows, k))?;
-            Ok(Some(Linear::Quant(QMatMul::from_arc(Arc::new(q))?, *kp)))
+            let packed = match first_packed {
+                Some(p) => PackedQ8::for_decode(&q, p.k())?,
+                None => None,
+            };
+            Ok(Some(Linear::Quant(
+                QMatMul::from_arc(Arc::new(q))?,
+                *kp,
+                packed,
+            )))
         }
         [Linear::Quant(..), ..] => Ok(None),
     }
@@ -177,9 +192,15 @@ impl Embedding {
     pub(crate) fn as_linear(&self) -> candle_core::Result<Linear> {
         Ok(match self {
             Self::Dense(w) => Linear::Dense(w.clone()),
-            Self::Quant { table, padded, .. } => {
-                Linear::Quant(QMatMul::from_arc(table.clone())?, *padded)
-            }
+            Self::Quant {
+                table,
+                padded,
+                hidden,
+            } => Linear::Quant(
+                QMatMul::from_arc(table.clone())?,
+                *padded,
+                PackedQ8::for_decode(table, *hidden)?,
+            ),
         })
     }
 }
