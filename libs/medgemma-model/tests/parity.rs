@@ -360,7 +360,12 @@ fn tiny_4b_image_prompt_with_reference_image_features() {
     let c = case(&g, "image_chat");
     let prompt = ids(&c["prompt_ids"]);
     let image_id = m.config().multimodal.as_ref().unwrap().image_token_index;
-    let positions: Vec<usize> = prompt.iter().enumerate().filter(|(_, t)| **t == image_id).map(|(i, _)| i).collect();
+    let positions: Vec<usize> = prompt
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t == image_id)
+        .map(|(i, _)| i)
+        .collect();
     assert_eq!(serde_json::json!(positions), c["image_token_positions"]);
     let feats = &g.tensors["image_chat.image_features"];
     let (logits, hidden) = m.forward_with_hidden_states(&prompt, Some(feats)).unwrap();
@@ -372,14 +377,25 @@ fn tiny_4b_image_prompt_with_reference_image_features() {
     }
     // Greedy with the KV cache: prefill with the image, then plain decode.
     let want = ids(&c["greedy_ids"]);
-    let mut kv = m.new_kv_cache(KvCacheConfig { block_size: 4, max_bytes: None });
+    let mut kv = m.new_kv_cache(KvCacheConfig {
+        block_size: 4,
+        max_bytes: None,
+    });
     let mut s = kv.new_sequence();
     let mut got = Vec::new();
     let mut next = prompt.clone();
     let mut embeds = Some(feats);
     while got.len() < want.len() {
         let lg = m
-            .forward(&mut kv, &mut [SeqInput { kv: &mut s, tokens: &next, image_embeds: embeds.take(), logits: LogitsRows::Last }])
+            .forward(
+                &mut kv,
+                &mut [SeqInput {
+                    kv: &mut s,
+                    tokens: &next,
+                    image_embeds: embeds.take(),
+                    logits: LogitsRows::Last,
+                }],
+            )
             .unwrap();
         let t = argmax(&lg[0].as_ref().unwrap().get(0).unwrap());
         got.push(t);
@@ -392,7 +408,8 @@ fn tiny_4b_image_prompt_with_reference_image_features() {
 fn transformers_v5_multimodal_layout_loads_the_same_model() {
     let src = repo_root().join("fixtures/tiny-4b");
     let tmp = tempfile::tempdir().unwrap();
-    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     let renamed: HashMap<String, Tensor> = tensors
         .into_iter()
         .map(|(k, v)| {
