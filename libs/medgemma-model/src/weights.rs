@@ -83,8 +83,8 @@ impl std::str::FromStr for Quantize {
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
     Dense(Tensor),
-    /// A quantized matrix, the (possibly zero-padded) input width it expects, and the CPU
-    /// decode kernel's copy of it (padded Q8_0 only; see `cpu_gemv`).
+    /// A quantized matrix, the (possibly zero-padded) input width it expects, and our CPU
+    /// kernel's copy of it (Q8_0 that candle's fast kernels do not take; see `cpu_gemv`).
     Quant(QMatMul, usize, Option<Arc<PackedQ8>>),
 }
 
