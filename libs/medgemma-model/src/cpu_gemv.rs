@@ -717,7 +717,10 @@ mod tests {
                 for isa in Isa::available() {
                     let got = gemv_with(isa, &p, &rows(&x, m)?, m);
                     let e = rel_err(&got, &want[..m * n]);
-                    assert!(e < 1e-4, "{isa:?} n={n} k={k} m={m}: rel err {e}");
+                    // Activation quantization rounds ties to even (as ggml does); candle's
+                    // reference quantizer rounds them away from zero, so an occasional tie
+                    // lands one level apart: the same 1e-3 bound as `matches_candle_qmatmul`.
+                    assert!(e < 1e-3, "{isa:?} n={n} k={k} m={m}: rel err {e}");
                 }
             }
         }
