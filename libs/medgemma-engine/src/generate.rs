@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 use medgemma_model::{Gemma3, KvCache, KvCacheConfig, LogitsRows, SeqInput, SequenceKv};
-use medgemma_tokenizer::Tokenizer;
+use medgemma_tokenizer::{IncrementalDecoder, Tokenizer};
 
 use crate::constraint::{Constraint, ConstraintFactory, ConstraintSpec};
 use crate::error::{EngineError, Result};
@@ -144,6 +144,9 @@ struct Active {
     budget: usize,
     stop_strings: Vec<String>,
     ignore_eos: bool,
+    /// Streams whole characters of the generated text.
+    decoder: IncrementalDecoder,
+    /// Text streamed so far (searched for stop strings).
     emitted: String,
     text_cut: Option<usize>,
     finish: Option<FinishReason>,
@@ -281,6 +284,7 @@ impl Engine {
                 .cloned()
                 .collect(),
             ignore_eos: r.ignore_eos,
+            decoder: IncrementalDecoder::new(true),
             emitted: String::new(),
             text_cut: None,
             finish: None,
@@ -381,29 +385,23 @@ impl Engine {
         }
         a.generated.push(tok);
         a.history.push(tok);
-        // Text so far, to stream whole characters and to find stop strings.
-        let text = self.tokenizer.decode(&a.generated, true)?;
-        let mut visible = text.as_str();
+        // New whole characters; a stop string ends the text (and the stream) where it starts.
+        let before = a.emitted.len();
+        if let Some(delta) = a.decoder.push(&self.tokenizer, tok)? {
+            a.emitted.push_str(&delta);
+        }
         let mut stop = false;
-        if !a.stop_strings.is_empty()
-            && let Some(cut) = a
-                .stop_strings
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
+        if let Some(cut) = a
+            .stop_strings
+            .iter()
+            .filter_map(|s| a.emitted.find(s.as_str()))
+            .min()
         {
-            visible = &text[..cut];
+            a.emitted.truncate(cut);
             a.text_cut = Some(cut);
             stop = true;
         }
-        // Hold back an incomplete UTF-8 tail (decode renders it as U+FFFD).
-        let stable = visible.trim_end_matches('\u{FFFD}');
-        let delta = if stable.len() >= a.emitted.len() && stable.starts_with(a.emitted.as_str()) {
-            stable[a.emitted.len()..].to_string()
-        } else {
-            String::new()
-        };
-        a.emitted.push_str(&delta);
+        let delta = a.emitted[before.min(a.emitted.len())..].to_string();
         let keep_going = on_token(&TokenEvent {
             index: a.index,
             sampled: &sampled,
