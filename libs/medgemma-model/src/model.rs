@@ -347,7 +347,7 @@ impl Gemma3 {
         if let Some(cf) = cache_file {
             let res = std::fs::create_dir_all(cf.parent().unwrap_or(Path::new(".")))
                 .map_err(|e| ModelError::io(&cf, e))
-                .and_then(|_| write_cache(&cf, &m.cfg, &rec.tensors));
+                .and_then(|_| write_gguf_cache(&cf, &m.cfg, &rec.tensors));
             match res {
                 Ok(()) => {
                     tracing::info!(cache = %cf.display(), "wrote quantization cache");
@@ -877,10 +877,6 @@ fn to_linear(raw: Raw, device: &Device) -> Result<Linear> {
             Linear::Quant(candle_core::quantized::QMatMul::from_arc(q)?, kp, packed)
         }
     })
-}
-
-fn write_cache(path: &Path, cfg: &ModelConfig, tensors: &[(String, Arc<QTensor>)]) -> Result<()> {
-    write_gguf_cache(path, cfg, tensors)
 }
 
 /// A small stable hash for cache file names.

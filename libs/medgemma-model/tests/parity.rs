@@ -59,6 +59,17 @@ fn case<'a>(g: &'a Golden, name: &str) -> &'a Value {
 
 /// Greedy continuation with the KV cache: prefill once, then one token per step.
 fn greedy_cached(m: &Gemma3, prompt: &[u32], steps: usize, block_size: usize) -> Vec<u32> {
+    greedy_cached_with(m, prompt, None, steps, block_size)
+}
+
+/// As [`greedy_cached`], with image embeddings for the prompt's image rows.
+fn greedy_cached_with(
+    m: &Gemma3,
+    prompt: &[u32],
+    image_embeds: Option<&Tensor>,
+    steps: usize,
+    block_size: usize,
+) -> Vec<u32> {
     let mut kv = m.new_kv_cache(KvCacheConfig {
         block_size,
         max_bytes: None,
@@ -66,6 +77,7 @@ fn greedy_cached(m: &Gemma3, prompt: &[u32], steps: usize, block_size: usize) ->
     let mut s = kv.new_sequence();
     let mut out = Vec::new();
     let mut next: Vec<u32> = prompt.to_vec();
+    let mut embeds = image_embeds;
     for _ in 0..steps {
         let lg = m
             .forward(
@@ -73,7 +85,7 @@ fn greedy_cached(m: &Gemma3, prompt: &[u32], steps: usize, block_size: usize) ->
                 &mut [SeqInput {
                     kv: &mut s,
                     tokens: &next,
-                    image_embeds: None,
+                    image_embeds: embeds.take(),
                     logits: LogitsRows::Last,
                 }],
             )
@@ -377,30 +389,7 @@ fn tiny_4b_image_prompt_with_reference_image_features() {
     }
     // Greedy with the KV cache: prefill with the image, then plain decode.
     let want = ids(&c["greedy_ids"]);
-    let mut kv = m.new_kv_cache(KvCacheConfig {
-        block_size: 4,
-        max_bytes: None,
-    });
-    let mut s = kv.new_sequence();
-    let mut got = Vec::new();
-    let mut next = prompt.clone();
-    let mut embeds = Some(feats);
-    while got.len() < want.len() {
-        let lg = m
-            .forward(
-                &mut kv,
-                &mut [SeqInput {
-                    kv: &mut s,
-                    tokens: &next,
-                    image_embeds: embeds.take(),
-                    logits: LogitsRows::Last,
-                }],
-            )
-            .unwrap();
-        let t = argmax(&lg[0].as_ref().unwrap().get(0).unwrap());
-        got.push(t);
-        next = vec![t];
-    }
+    let got = greedy_cached_with(&m, &prompt, Some(feats), want.len(), 4);
     assert_eq!(got, want);
 }
 
