@@ -5,6 +5,7 @@
 //! speed beside llama.cpp). Logs go to stderr; `--json` output goes to stdout.
 
 mod bench;
+mod bench_vision;
 mod generate;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +29,9 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Measure prefill and decode tokens/s at batch 1, beside llama.cpp when it is present.
     Bench(bench::BenchArgs),
+    /// Images/s of the 4B vision tower (SigLIP so400m + projector, random weights in the real
+    /// shapes) beside transformers on the same checkpoint.
+    BenchVision(bench_vision::BenchVisionArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,6 +74,7 @@ fn main() {
         Command::FetchDemo(a) => fetch_demo(a),
         Command::Generate(a) => generate::run(*a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchVision(a) => bench_vision::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
