@@ -170,3 +170,38 @@ fn bad_inputs_are_clear_errors() {
     let e = VisionEncoder::load(&fixtures().join("tiny-4b"), &Device::Cpu, DType::F16).unwrap_err();
     assert!(e.to_string().contains("f16"), "{e}");
 }
+
+#[test]
+fn prompt_logits_with_our_embeddings_match_transformers() {
+    let enc = encoder();
+    let feats = enc
+        .encode_pixels(&golden("image_chat.pixel_values"))
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let model = medgemma_model::Gemma3::load(
+        &fixtures().join("tiny-4b"),
+        &medgemma_model::LoadOptions::default(),
+    )
+    .unwrap();
+    let g: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("tiny-4b/golden.json")).unwrap())
+            .unwrap();
+    let case = g["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "image_chat")
+        .unwrap();
+    let prompt: Vec<u32> = case["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let (logits, _) = model
+        .forward_with_hidden_states(&prompt, Some(&feats))
+        .unwrap();
+    let d = max_abs_diff(&logits, &golden("image_chat.logits"));
+    assert!(d <= TOL, "prompt logits differ by {d}");
+}

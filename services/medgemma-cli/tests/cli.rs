@@ -195,9 +195,6 @@ fn several_images_including_dicom() {
         "two runs of 16"
     );
     assert_eq!(ids.iter().filter(|&&t| t == 714).count(), 2);
-    // Different images give different answers' logits: swap the order and the output changes
-    // or at least the prompt is the same while the embeddings move (checked in the model
-    // tests); here: the run completes and the budget is respected.
     assert!(j["token_ids"].as_array().unwrap().len() <= 3);
 }
 
