@@ -145,6 +145,8 @@ impl RpcServer {
         let mut builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(medgemma_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc.BadRequest and friends, so grpcurl can print error details.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(HEALTH_SERVICE)
             .with_service_name(REFLECTION_V1)
             .with_service_name(REFLECTION_V1ALPHA);
