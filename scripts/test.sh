@@ -6,6 +6,13 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/medgemma-serve/target}"
 export MEDGEMMA_REQUIRE_ASSETS="${MEDGEMMA_REQUIRE_ASSETS:-1}"
 cargo fmt --all --check
+# Proto lint (buf from npm, pinned, installed once into the cache, outside the clone).
+buf_version=1.75.0
+buf_dir="${MEDGEMMA_CACHE_DIR:-$HOME/.cache/medgemma}/tools/buf-$buf_version"
+if [ ! -x "$buf_dir/node_modules/.bin/buf" ]; then
+  npm install -s --no-audit --no-fund --prefix "$buf_dir" "@bufbuild/buf@$buf_version"
+fi
+"$buf_dir/node_modules/.bin/buf" lint proto
 cargo run -q -p medgemma-cli -- fetch-demo
 # Real DICOM radiographs for the vision tests (PyPI pydicom-data, pinned; sha256-checked by
 # the tests themselves).

@@ -1,0 +1,259 @@
+//! Binding, serving, health, reflection and graceful drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tonic_health::ServingStatus;
+use tonic_health::server::{HealthReporter, HealthService};
+use tower_layer::Layer;
+
+use crate::error::RpcError;
+use crate::layer::RpcLayer;
+
+const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+
+/// How a server behaves on the wire and at shutdown.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// How long in-flight calls may run after shutdown starts before their connections are
+    /// closed.
+    pub drain_timeout: Duration,
+    /// HTTP/2 keep-alive ping interval (dead peers are noticed and their calls cancelled).
+    pub http2_keepalive_interval: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(10),
+            http2_keepalive_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The health of one server's services (`grpc.health.v1`). Starts NOT_SERVING; clone freely.
+#[derive(Debug, Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    services: Arc<[String]>,
+}
+
+impl Health {
+    async fn new(services: &[&str]) -> Self {
+        let health = Self {
+            reporter: HealthReporter::new(),
+            services: services.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        health.set_all(ServingStatus::NotServing).await;
+        health
+    }
+
+    async fn set_all(&self, status: ServingStatus) {
+        // "" is the whole server.
+        self.reporter.set_service_status("", status).await;
+        for name in self.services.iter() {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+
+    /// Reports SERVING for the server and each of its services: call once loaded and warmed.
+    pub async fn set_serving(&self) {
+        self.set_all(ServingStatus::Serving).await;
+        tracing::info!(services = ?self.services, "health: serving");
+    }
+
+    /// Reports NOT_SERVING (shutting down, or lost a dependency).
+    pub async fn set_not_serving(&self) {
+        self.set_all(ServingStatus::NotServing).await;
+        tracing::info!(services = ?self.services, "health: not serving");
+    }
+
+    /// The underlying reporter, for per-service statuses.
+    pub fn reporter(&self) -> &HealthReporter {
+        &self.reporter
+    }
+}
+
+/// A bound, not yet serving, gRPC server.
+///
+/// ```ignore
+/// let server = RpcServer::bind("127.0.0.1:0", &[GeneratorServer::<G>::NAME]).await?;
+/// println!("generator listening on {}", server.local_addr());
+/// let health = server.health();
+/// let serving = tokio::spawn(server.serve(routes, medgemma_rpc::shutdown_signal()));
+/// // ... load, warm up ...
+/// health.set_serving().await;
+/// ```
+#[derive(Debug)]
+pub struct RpcServer {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    health: Health,
+    services: Vec<String>,
+    options: ServeOptions,
+}
+
+impl RpcServer {
+    /// Binds `addr` (`127.0.0.1:0` picks a free port) for a server of `services` (their fully
+    /// qualified names: what health reports and reflection lists). Health starts NOT_SERVING.
+    pub async fn bind(addr: &str, services: &[&str]) -> Result<Self, RpcError> {
+        Self::bind_with(addr, services, ServeOptions::default()).await
+    }
+
+    /// [`bind`](Self::bind) with options.
+    pub async fn bind_with(
+        addr: &str,
+        services: &[&str],
+        options: ServeOptions,
+    ) -> Result<Self, RpcError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| RpcError::Bind {
+                addr: addr.to_owned(),
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(RpcError::LocalAddr)?;
+        Ok(Self {
+            listener,
+            local_addr,
+            health: Health::new(services).await,
+            services: services.iter().map(|s| (*s).to_owned()).collect(),
+            options,
+        })
+    }
+
+    /// The bound address (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The health handle: flip it to SERVING once ready.
+    pub fn health(&self) -> Health {
+        self.health.clone()
+    }
+
+    fn reflection(&self) -> tonic_reflection::server::Builder<'static> {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(medgemma_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc.BadRequest and friends, so grpcurl can print error details.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(HEALTH_SERVICE)
+            .with_service_name(REFLECTION_V1)
+            .with_service_name(REFLECTION_V1ALPHA);
+        for name in &self.services {
+            builder = builder.with_service_name(name.clone());
+        }
+        builder
+    }
+
+    /// Serves `routes` (the caller's services; see [`with_limits!`](crate::with_limits)) with
+    /// health and reflection v1 + v1alpha beside them, every call through [`RpcLayer`], until
+    /// `shutdown` completes. Then: health NOT_SERVING, no new connections, in-flight calls
+    /// drained for at most [`ServeOptions::drain_timeout`].
+    pub async fn serve(
+        self,
+        routes: Routes,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), RpcError> {
+        let reflection_v1 = self.reflection().build_v1()?;
+        let reflection_v1alpha = self.reflection().build_v1alpha()?;
+        let health_server = tonic_health::pb::health_server::HealthServer::new(
+            HealthService::from_health_reporter(self.health.reporter.clone()),
+        );
+        let routes = routes
+            .add_service(health_server)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .prepare();
+        let service = RpcLayer.layer(routes);
+
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(self.options.http2_keepalive_interval))
+            .adaptive_window(true);
+
+        let Self {
+            listener,
+            local_addr,
+            health,
+            options,
+            ..
+        } = self;
+        let graceful = GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _peer)) => {
+                        // Small messages (stream deltas) should not wait for Nagle.
+                        let _ = stream.set_nodelay(true);
+                        let connection = http2.serve_connection(
+                            TokioIo::new(stream),
+                            TowerToHyperService::new(service.clone()),
+                        );
+                        let connection = graceful.watch(connection);
+                        tokio::spawn(async move {
+                            if let Err(e) = connection.await {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        health.set_not_serving().await;
+        drop(listener);
+        tracing::info!(addr = %local_addr, drain_s = options.drain_timeout.as_secs_f64(), "draining");
+        match tokio::time::timeout(options.drain_timeout, graceful.shutdown()).await {
+            Ok(()) => {
+                tracing::info!(addr = %local_addr, "drained");
+                Ok(())
+            }
+            Err(_) => Err(RpcError::DrainTimeout {
+                addr: local_addr,
+                secs: options.drain_timeout.as_secs(),
+            }),
+        }
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C): the shutdown future for [`RpcServer::serve`].
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => tracing::info!(signal = "SIGINT", "shutting down"),
+        () = terminate => tracing::info!(signal = "SIGTERM", "shutting down"),
+    }
+}
