@@ -40,57 +40,36 @@ pub async fn list_services(
     channel: Channel,
     version: ReflectionVersion,
 ) -> Result<Vec<String>, Status> {
+    // v1 and v1alpha are the same protocol under two generated module trees.
+    macro_rules! list_services_via {
+        ($pb:path) => {{
+            use $pb as pb;
+            let request = pb::ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(pb::server_reflection_request::MessageRequest::ListServices(
+                    String::new(),
+                )),
+            };
+            let mut responses = pb::server_reflection_client::ServerReflectionClient::new(channel)
+                .server_reflection_info(tokio_stream::iter([request]))
+                .await?
+                .into_inner();
+            match responses
+                .next()
+                .await
+                .transpose()?
+                .and_then(|r| r.message_response)
+            {
+                Some(pb::server_reflection_response::MessageResponse::ListServicesResponse(
+                    list,
+                )) => list.service.into_iter().map(|s| s.name).collect::<Vec<_>>(),
+                _ => return Err(Status::internal("unexpected reflection response")),
+            }
+        }};
+    }
     let mut names = match version {
-        ReflectionVersion::V1 => {
-            use tonic_reflection::pb::v1::ServerReflectionRequest;
-            use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-            use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-            use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-            let request = ServerReflectionRequest {
-                host: String::new(),
-                message_request: Some(MessageRequest::ListServices(String::new())),
-            };
-            let mut responses = ServerReflectionClient::new(channel)
-                .server_reflection_info(tokio_stream::iter([request]))
-                .await?
-                .into_inner();
-            match responses
-                .next()
-                .await
-                .transpose()?
-                .and_then(|r| r.message_response)
-            {
-                Some(MessageResponse::ListServicesResponse(list)) => {
-                    list.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
-                }
-                _ => return Err(Status::internal("unexpected reflection response")),
-            }
-        }
-        ReflectionVersion::V1Alpha => {
-            use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
-            use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-            use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-            use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-            let request = ServerReflectionRequest {
-                host: String::new(),
-                message_request: Some(MessageRequest::ListServices(String::new())),
-            };
-            let mut responses = ServerReflectionClient::new(channel)
-                .server_reflection_info(tokio_stream::iter([request]))
-                .await?
-                .into_inner();
-            match responses
-                .next()
-                .await
-                .transpose()?
-                .and_then(|r| r.message_response)
-            {
-                Some(MessageResponse::ListServicesResponse(list)) => {
-                    list.service.into_iter().map(|s| s.name).collect::<Vec<_>>()
-                }
-                _ => return Err(Status::internal("unexpected reflection response")),
-            }
-        }
+        ReflectionVersion::V1 => list_services_via!(tonic_reflection::pb::v1),
+        ReflectionVersion::V1Alpha => list_services_via!(tonic_reflection::pb::v1alpha),
     };
     names.sort();
     Ok(names)
