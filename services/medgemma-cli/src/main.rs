@@ -2,9 +2,11 @@
 //!
 //! Subcommands: `fetch-demo` (download and checksum the embedded demo model and tokenizer),
 //! `generate` (run a prompt through a Gemma 3 / MedGemma model), `bench` (prefill and decode
-//! speed beside llama.cpp). Logs go to stderr; `--json` output goes to stdout.
+//! speed beside llama.cpp), and the gateway's clients `ask`, `summarize`, `mcq`, `report`.
+//! Logs go to stderr; `--json` output goes to stdout.
 
 mod bench;
+mod client;
 mod generate;
 
 use clap::{Parser, Subcommand};
@@ -28,6 +30,14 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Measure prefill and decode tokens/s at batch 1, beside llama.cpp when it is present.
     Bench(bench::BenchArgs),
+    /// Ask the gateway a medical question (`ClinicalTasks.Ask`).
+    Ask(client::AskArgs),
+    /// Summarize a clinical note into typed fields (`ClinicalTasks.SummarizeClinicalNote`).
+    Summarize(client::SummarizeArgs),
+    /// Answer a multiple-choice question (`ClinicalTasks.AnswerMultipleChoice`).
+    Mcq(client::McqArgs),
+    /// Draft a radiology report for an image (`ClinicalTasks.DraftRadiologyReport`).
+    Report(client::ReportArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,6 +80,10 @@ fn main() {
         Command::FetchDemo(a) => fetch_demo(a),
         Command::Generate(a) => generate::run(*a),
         Command::Bench(a) => bench::run(a),
+        Command::Ask(a) => client::ask(a),
+        Command::Summarize(a) => client::summarize(a),
+        Command::Mcq(a) => client::mcq(a),
+        Command::Report(a) => client::report(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
