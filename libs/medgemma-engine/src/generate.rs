@@ -51,6 +51,11 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// Constrain the output to a JSON schema or regex.
     pub constraint: Option<ConstraintSpec>,
+    /// Token ids whose log-probabilities at the first generated position are reported in
+    /// [`GenerationOutput::first_token_logprobs`]: the raw log-softmax of the model's logits
+    /// there, before sampling settings, penalties or constraints (a multiple-choice answer reads
+    /// the model's own probabilities of the option letters this way).
+    pub logprob_token_ids: Vec<u32>,
 }
 
 impl GenerationRequest {
@@ -64,6 +69,7 @@ impl GenerationRequest {
             stop_strings: Vec::new(),
             ignore_eos: false,
             constraint: None,
+            logprob_token_ids: Vec::new(),
         }
     }
 }
@@ -76,6 +82,8 @@ pub struct TokenEvent<'a> {
     pub sampled: &'a Sampled,
     /// New text since the previous event (whole UTF-8 characters only).
     pub text_delta: &'a str,
+    /// KV-cache bytes held by all sequences now (for load reporting).
+    pub kv_bytes_in_use: usize,
 }
 
 /// The result of one request.
@@ -93,6 +101,9 @@ pub struct GenerationOutput {
     pub decode_time: Duration,
     /// KV cache bytes held by this sequence at its longest.
     pub kv_bytes_peak: usize,
+    /// `(id, logprob)` for each of the request's `logprob_token_ids`, in request order, at the
+    /// first generated position; empty when none were asked for (or no token was generated).
+    pub first_token_logprobs: Vec<(u32, f32)>,
 }
 
 impl GenerationOutput {
@@ -105,6 +116,33 @@ impl GenerationOutput {
     pub fn decode_tokens_per_s(&self) -> f64 {
         rate(self.token_ids.len().saturating_sub(1), self.decode_time)
     }
+}
+
+/// The log-softmax of `row` at `ids`, computed in f64 (max-subtracted).
+fn log_softmax_at(row: &[f32], ids: &[u32]) -> Result<Vec<(u32, f32)>> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return Err(EngineError::Internal(
+            "the logits row has no finite maximum".into(),
+        ));
+    }
+    let max = f64::from(max);
+    let log_sum = row
+        .iter()
+        .map(|&x| (f64::from(x) - max).exp())
+        .sum::<f64>()
+        .ln();
+    ids.iter()
+        .map(|&id| {
+            let x = row.get(id as usize).copied().ok_or_else(|| {
+                EngineError::InvalidRequest(format!(
+                    "logprob token id {id} is outside the logits row ({})",
+                    row.len()
+                ))
+            })?;
+            Ok((id, (f64::from(x) - max - log_sum) as f32))
+        })
+        .collect()
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -141,6 +179,9 @@ struct Active {
     history: Vec<u32>,
     generated: Vec<u32>,
     logprobs: Vec<Sampled>,
+    /// Ids whose first-position logprobs are wanted, and what was found for them.
+    first_token_ids: Vec<u32>,
+    first_token_logprobs: Vec<(u32, f32)>,
     budget: usize,
     stop_strings: Vec<String>,
     ignore_eos: bool,
@@ -263,6 +304,12 @@ impl Engine {
                 context: ctx,
             });
         }
+        let vocab = self.model.config().text.vocab_size;
+        if let Some(&id) = r.logprob_token_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "logprob token id {id} is outside the vocabulary (size {vocab})"
+            )));
+        }
         let sampler = Sampler::new(r.sampling.clone())?;
         let constraint = match &r.constraint {
             Some(spec) => Some(self.constraint_factory()?.create(spec)?),
@@ -276,6 +323,8 @@ impl Engine {
             history: r.prompt_ids.clone(),
             generated: Vec::new(),
             logprobs: Vec::new(),
+            first_token_ids: r.logprob_token_ids.clone(),
+            first_token_logprobs: Vec::new(),
             budget: r.max_new_tokens.min(ctx - r.prompt_ids.len()),
             stop_strings: r
                 .stop_strings
@@ -372,6 +421,9 @@ impl Engine {
         on_token: &mut dyn FnMut(&TokenEvent<'_>) -> bool,
     ) -> Result<()> {
         let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+        if a.generated.is_empty() && !a.first_token_ids.is_empty() {
+            a.first_token_logprobs = log_softmax_at(&row, &a.first_token_ids)?;
+        }
         let mask = match a.constraint.as_mut() {
             Some(c) => Some(c.allowed_tokens()?),
             None => None,
@@ -406,6 +458,7 @@ impl Engine {
             index: a.index,
             sampled: &sampled,
             text_delta: &delta,
+            kv_bytes_in_use: self.kv.bytes_in_use(),
         });
         a.logprobs.push(sampled);
         if !a.ignore_eos && self.eos_ids.contains(&tok) {
@@ -455,6 +508,7 @@ impl Engine {
                 prefill_time: a.prefill_time,
                 decode_time: a.decode_start.map(|t| t.elapsed()).unwrap_or_default(),
                 kv_bytes_peak: a.kv_peak,
+                first_token_logprobs: a.first_token_logprobs,
             }));
         }
         Ok(())

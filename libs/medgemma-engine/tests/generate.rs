@@ -180,3 +180,35 @@ fn bad_requests_are_errors_in_their_slot() {
     assert!(msg.contains("600") && msg.contains("512"), "{msg}");
     assert!(out[3].as_ref().unwrap_err().to_string().contains("top_p"));
 }
+
+#[test]
+fn first_token_logprobs_are_the_raw_log_softmax_at_the_first_position() {
+    let mut e = engine();
+    let c = case("short_a");
+    let mut req = GenerationRequest::new(ids(&c["prompt_ids"]), 3);
+    req.sampling.top_logprobs = 3;
+    let greedy = e.generate(&req, &mut |_| true).unwrap();
+    let first = greedy.token_ids[0];
+    let runner_up = greedy.logprobs[0].top[1].0;
+    let other = if first == 5 { 6 } else { 5 };
+    req.logprob_token_ids = vec![other, first, runner_up];
+    // Sampling settings do not change them: they are the model's own distribution.
+    req.sampling.temperature = 5.0;
+    req.sampling.top_k = Some(1);
+    let out = e.generate(&req, &mut |_| true).unwrap();
+    let got = &out.first_token_logprobs;
+    assert_eq!(
+        got.iter().map(|&(id, _)| id).collect::<Vec<_>>(),
+        vec![other, first, runner_up]
+    );
+    assert!((got[1].1 - greedy.logprobs[0].logprob).abs() < 1e-4);
+    assert!((got[2].1 - greedy.logprobs[0].top[1].1).abs() < 1e-4);
+    assert!(got.iter().all(|&(_, lp)| lp <= 0.0));
+    assert!(got[1].1 >= got[0].1 && got[1].1 >= got[2].1);
+
+    req.logprob_token_ids = vec![u32::MAX];
+    let out = e
+        .generate_batch(std::slice::from_ref(&req), &mut |_| true)
+        .unwrap();
+    assert!(out[0].is_err(), "an id outside the vocabulary is refused");
+}

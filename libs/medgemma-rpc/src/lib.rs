@@ -13,7 +13,9 @@
 //! - [`deadline`]: the remaining `grpc-timeout` of a request; [`RpcLayer`] answers
 //!   DEADLINE_EXCEEDED when it expires before the response starts.
 //! - [`bad_request`]: INVALID_ARGUMENT with `google.rpc.BadRequest` field violations.
+//! - [`client`]: a channel with our settings, health checks, reflection listings.
 
+pub mod client;
 pub mod deadline;
 mod error;
 mod layer;

@@ -243,6 +243,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         stop_strings: a.stop.clone(),
         ignore_eos: a.ignore_eos,
         constraint,
+        logprob_token_ids: Vec::new(),
     };
     let mut engine = Engine::new(
         Arc::new(model),

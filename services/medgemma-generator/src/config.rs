@@ -1,0 +1,212 @@
+//! The generator's command line (every flag also reads a `MEDGEMMA_*` variable) and model
+//! loading, with the same options as `medgemma generate`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use medgemma_model::{Gemma3, KvCacheConfig, LoadOptions, ModelDType, Quantize};
+use medgemma_tokenizer::Tokenizer;
+
+use crate::error::GeneratorError;
+
+/// Flags of `medgemma-generator`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GeneratorArgs {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    #[arg(
+        long,
+        env = "MEDGEMMA_GENERATOR_LISTEN",
+        default_value = "127.0.0.1:50053"
+    )]
+    pub listen: String,
+    /// A Hugging Face checkpoint directory or a .gguf file (default: the demo GGUF in the cache,
+    /// fetched by `medgemma fetch-demo`).
+    #[arg(long, env = "MEDGEMMA_MODEL")]
+    pub model: Option<PathBuf>,
+    /// tokenizer.json or a directory holding it (default: the model directory's, or the GGUF's
+    /// own vocabulary).
+    #[arg(long, env = "MEDGEMMA_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+    /// The model id reported in responses (default: the model's file or directory name).
+    #[arg(long, env = "MEDGEMMA_MODEL_ID")]
+    pub model_id: Option<String>,
+    /// f32 (fast on CPU) or bf16 (the production dtype on GPU). f16 is refused for Gemma 3.
+    #[arg(long, env = "MEDGEMMA_DTYPE", default_value = "f32")]
+    pub dtype: ModelDType,
+    /// cpu, or cuda / cuda:N (needs a build with the `cuda` feature).
+    #[arg(long, env = "MEDGEMMA_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Quantize safetensors weights at load: q8_0 or q4k (cached as GGUF in --cache-dir).
+    #[arg(long, env = "MEDGEMMA_QUANTIZE")]
+    pub quantize: Option<Quantize>,
+    /// Run a GGUF model's weights dequantized to f32.
+    #[arg(long, env = "MEDGEMMA_DEQUANTIZE")]
+    pub dequantize: bool,
+    /// Where quantized models are cached (default: $MEDGEMMA_CACHE_DIR/quantized).
+    #[arg(long, env = "MEDGEMMA_QUANT_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Requests that may wait for the model; one more gets RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "MEDGEMMA_QUEUE_CAPACITY", default_value_t = 16)]
+    pub queue_capacity: usize,
+    /// Token budget of a request that sets no `max_new_tokens`.
+    #[arg(long, env = "MEDGEMMA_DEFAULT_MAX_NEW_TOKENS", default_value_t = 512)]
+    pub default_max_new_tokens: u32,
+    /// Upper bound on KV-cache bytes (default: none).
+    #[arg(long, env = "MEDGEMMA_KV_CACHE_BYTES")]
+    pub kv_cache_bytes: Option<usize>,
+    /// Seconds in-flight calls may run after SIGTERM before their connections are closed.
+    #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT_S", default_value_t = 10)]
+    pub drain_timeout_s: u64,
+}
+
+/// What the service needs besides the model: see [`GeneratorArgs`] for the meaning of each.
+#[derive(Debug, Clone)]
+pub struct GeneratorConfig {
+    /// Reported in every response.
+    pub model_id: String,
+    /// Bounded queue length.
+    pub queue_capacity: usize,
+    /// Token budget when a request sets none.
+    pub default_max_new_tokens: u32,
+    /// KV-cache settings (byte limit).
+    pub kv_cache: KvCacheConfig,
+    /// Drain bound at shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl GeneratorConfig {
+    /// Defaults for a model id: queue of 16, 512-token budget, no KV limit, 10 s drain.
+    pub fn new(model_id: impl Into<String>) -> Self {
+        Self {
+            model_id: model_id.into(),
+            queue_capacity: 16,
+            default_max_new_tokens: 512,
+            kv_cache: KvCacheConfig::default(),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Checks the values (start-up validation).
+    pub fn validate(&self) -> Result<(), GeneratorError> {
+        if self.queue_capacity == 0 {
+            return Err(GeneratorError::Config(
+                "--queue-capacity must be at least 1".into(),
+            ));
+        }
+        if self.default_max_new_tokens == 0 {
+            return Err(GeneratorError::Config(
+                "--default-max-new-tokens must be at least 1".into(),
+            ));
+        }
+        if self.model_id.trim().is_empty() {
+            return Err(GeneratorError::Config(
+                "--model-id must not be empty".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The model id for a path: its file name without `.gguf`, or its directory name.
+pub fn model_id_for(path: &Path) -> String {
+    let name = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    name.map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".to_owned())
+}
+
+impl GeneratorArgs {
+    /// The model path: `--model`, else the demo GGUF.
+    pub fn model_path(&self) -> PathBuf {
+        self.model
+            .clone()
+            .unwrap_or_else(|| medgemma_assets::demo_paths().gguf)
+    }
+
+    /// The service configuration these flags describe.
+    pub fn config(&self) -> GeneratorConfig {
+        GeneratorConfig {
+            model_id: self
+                .model_id
+                .clone()
+                .unwrap_or_else(|| model_id_for(&self.model_path())),
+            queue_capacity: self.queue_capacity,
+            default_max_new_tokens: self.default_max_new_tokens,
+            kv_cache: KvCacheConfig {
+                max_bytes: self.kv_cache_bytes,
+                ..KvCacheConfig::default()
+            },
+            drain_timeout: Duration::from_secs(self.drain_timeout_s),
+        }
+    }
+
+    /// Loads the model and tokenizer (blocking: run it off the async runtime).
+    pub fn load(&self) -> Result<(Gemma3, Tokenizer), GeneratorError> {
+        let path = self.model_path();
+        let tokenizer = load_tokenizer(&path, self.tokenizer.as_deref())?;
+        let options = LoadOptions {
+            dtype: self.dtype,
+            device: device(&self.device)?,
+            quantize: self.quantize,
+            dequantize: self.dequantize,
+            cache_dir: Some(
+                self.cache_dir
+                    .clone()
+                    .unwrap_or_else(|| medgemma_assets::cache_dir().join("quantized")),
+            ),
+            progress: None,
+        };
+        let model = Gemma3::load(&path, &options).map_err(GeneratorError::Load)?;
+        Ok((model, tokenizer))
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn device(spec: &str) -> Result<candle_core::Device, GeneratorError> {
+    match spec {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().map_err(|_| {
+                    GeneratorError::Config(format!("device {s:?}: expected cuda:N"))
+                })?,
+                None => 0,
+            };
+            candle_core::Device::new_cuda(ordinal).map_err(|e| {
+                GeneratorError::Config(format!(
+                    "device {s}: this build has no CUDA support or no such GPU ({e})"
+                ))
+            })
+        }
+        other => Err(GeneratorError::Config(format!(
+            "unknown device {other:?} (expected cpu, cuda or cuda:N)"
+        ))),
+    }
+}
+
+/// The tokenizer as `medgemma generate` finds it: the explicit path, else the model
+/// directory's, else the GGUF's own vocabulary.
+pub fn load_tokenizer(model: &Path, explicit: Option<&Path>) -> Result<Tokenizer, GeneratorError> {
+    if let Some(p) = explicit {
+        return Tokenizer::from_path(p).map_err(GeneratorError::Tokenizer);
+    }
+    if model.is_dir() {
+        return Tokenizer::from_path(model).map_err(GeneratorError::Tokenizer);
+    }
+    let mut file = std::fs::File::open(model).map_err(|source| {
+        GeneratorError::Load(medgemma_model::ModelError::Io {
+            path: model.to_owned(),
+            source,
+        })
+    })?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {
+        GeneratorError::Load(medgemma_model::ModelError::Checkpoint {
+            path: model.to_owned(),
+            message: format!("not a readable GGUF file: {e}"),
+        })
+    })?;
+    Tokenizer::from_gguf(&content).map_err(GeneratorError::Tokenizer)
+}

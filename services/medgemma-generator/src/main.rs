@@ -1,0 +1,30 @@
+//! `medgemma-generator`: serves one model over gRPC (`medgemma.generation.v1.Generator`).
+
+use clap::Parser;
+
+/// Serve one MedGemma model for generation over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "medgemma-generator", version)]
+struct Cli {
+    #[command(flatten)]
+    args: medgemma_generator::GeneratorArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MEDGEMMA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let running = medgemma_generator::launch(cli.args, medgemma_rpc::shutdown_signal(), |addr| {
+        tracing::info!(%addr, "bound; loading the model");
+    })
+    .await?;
+    println!("generator listening on {}", running.local_addr);
+    running.server.await??;
+    Ok(())
+}

@@ -1,0 +1,685 @@
+//! The `medgemma.generation.v1.Generator` service: validation and conversion at the edge, the
+//! model behind a bounded queue.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use medgemma_engine::constraint::ConstraintSpec;
+use medgemma_engine::generate::{FinishReason as EngineFinish, GenerationRequest};
+use medgemma_engine::sampling::{MAX_TOP_LOGPROBS, Sampled, SamplingParams};
+use medgemma_model::Gemma3;
+use medgemma_proto::generation::v1 as pb;
+use medgemma_proto::generation::v1::generator_server::{Generator, GeneratorServer};
+use medgemma_rpc::FieldViolation;
+use medgemma_tokenizer::Tokenizer;
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt, wrappers::UnboundedReceiverStream};
+use tonic::{Request, Response, Status};
+
+use crate::config::GeneratorConfig;
+use crate::error::{GeneratorError, engine_status};
+use crate::worker::{self, Event, Finished, Job, JobError, WorkerStats};
+
+/// Most stop strings per request, and their longest length in bytes.
+const MAX_STOP_STRINGS: usize = 16;
+const MAX_STOP_STRING_BYTES: usize = 256;
+/// Most ids in `logprob_token_ids`.
+const MAX_LOGPROB_TOKEN_IDS: usize = 256;
+
+/// What requests are checked against.
+#[derive(Debug, Clone)]
+struct ModelInfo {
+    context_length: usize,
+    vocab_size: usize,
+    hidden_size: usize,
+    image_token_id: Option<u32>,
+    tokens_per_image: Option<u32>,
+    eos_token_ids: Vec<u32>,
+}
+
+struct Ready {
+    jobs: mpsc::Sender<Job>,
+    stats: Arc<WorkerStats>,
+    info: ModelInfo,
+}
+
+struct Inner {
+    config: GeneratorConfig,
+    ready: OnceLock<Ready>,
+}
+
+/// The generator service. Answers UNAVAILABLE until [`start`](Self::start) has loaded the
+/// worker; clone freely (all clones share one model thread).
+#[derive(Clone)]
+pub struct GeneratorService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for GeneratorService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeneratorService")
+            .field("config", &self.inner.config)
+            .field("ready", &self.inner.ready.get().is_some())
+            .finish()
+    }
+}
+
+impl GeneratorService {
+    /// A service with no model yet.
+    pub fn new(config: GeneratorConfig) -> Result<Self, GeneratorError> {
+        config.validate()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                ready: OnceLock::new(),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &GeneratorConfig {
+        &self.inner.config
+    }
+
+    /// Starts the model thread with `model` and `tokenizer`, waits for its one-token warm-up,
+    /// then accepts requests. Fails if already started.
+    pub async fn start(
+        &self,
+        model: Arc<Gemma3>,
+        tokenizer: Arc<Tokenizer>,
+    ) -> Result<(), GeneratorError> {
+        if self.inner.ready.get().is_some() {
+            return Err(GeneratorError::Config(
+                "the generator is already started".into(),
+            ));
+        }
+        let cfg = model.config();
+        let info = ModelInfo {
+            context_length: cfg.text.max_position_embeddings,
+            vocab_size: cfg.text.vocab_size,
+            hidden_size: cfg.text.hidden_size,
+            image_token_id: cfg.multimodal.as_ref().map(|m| m.image_token_index),
+            tokens_per_image: cfg
+                .multimodal
+                .as_ref()
+                .map(|m| u32::try_from(m.mm_tokens_per_image).unwrap_or(u32::MAX)),
+            eos_token_ids: eos_ids(&model, &tokenizer),
+        };
+        let (tx, rx) = mpsc::channel(self.inner.config.queue_capacity);
+        let stats = Arc::new(WorkerStats::default());
+        let warm = worker::spawn(
+            model,
+            tokenizer,
+            self.inner.config.kv_cache,
+            rx,
+            stats.clone(),
+        )
+        .map_err(|e| GeneratorError::Config(format!("cannot start the model thread: {e}")))?;
+        let t = Instant::now();
+        warm.await
+            .map_err(|_| GeneratorError::WorkerGone)?
+            .map_err(GeneratorError::Warmup)?;
+        tracing::info!(
+            warmup_ms = t.elapsed().as_secs_f64() * 1e3,
+            model_id = %self.inner.config.model_id,
+            "generator ready"
+        );
+        self.inner
+            .ready
+            .set(Ready {
+                jobs: tx,
+                stats,
+                info,
+            })
+            .map_err(|_| GeneratorError::Config("the generator is already started".into()))
+    }
+
+    /// The tonic server for this service, with raised message limits.
+    pub fn into_server(self) -> GeneratorServer<Self> {
+        medgemma_rpc::with_limits!(GeneratorServer::new(self))
+    }
+
+    fn ready(&self) -> Result<&Ready, Status> {
+        self.inner
+            .ready
+            .get()
+            .ok_or_else(|| Status::unavailable("the model is loading"))
+    }
+
+    /// Current load figures (what the `Stats` RPC returns).
+    pub fn stats(&self) -> pb::StatsResponse {
+        let capacity = self.inner.config.queue_capacity;
+        let limit = self.inner.config.kv_cache.max_bytes.unwrap_or(0) as u64;
+        match self.inner.ready.get() {
+            None => pb::StatsResponse {
+                queue_capacity: capacity as u32,
+                kv_bytes_limit: limit,
+                ..Default::default()
+            },
+            Some(r) => pb::StatsResponse {
+                active_sequences: r.stats.active.load(Ordering::Relaxed),
+                queue_depth: (r.jobs.max_capacity() - r.jobs.capacity()) as u32,
+                queue_capacity: capacity as u32,
+                kv_bytes_in_use: r.stats.kv_bytes_in_use.load(Ordering::Relaxed),
+                kv_bytes_limit: limit,
+                requests_served: r.stats.requests_served.load(Ordering::Relaxed),
+            },
+        }
+    }
+
+    /// Validates and enqueues; the receiver gets the job's events.
+    fn submit<T>(
+        &self,
+        request: Request<T>,
+        convert: impl FnOnce(T, &ModelInfo, &GeneratorConfig) -> Result<Submitted, Status>,
+        stream: bool,
+    ) -> Result<(mpsc::UnboundedReceiver<Event>, bool), Status> {
+        let ready = self.ready()?;
+        let deadline = medgemma_rpc::deadline::deadline(&request).map(|d| d.0.into_std());
+        let Submitted {
+            request,
+            want_logprobs,
+        } = convert(request.into_inner(), &ready.info, &self.inner.config)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let job = Job {
+            request,
+            events: tx,
+            stream,
+            deadline,
+            enqueued: Instant::now(),
+        };
+        match ready.jobs.try_send(job) {
+            Ok(()) => Ok((rx, want_logprobs)),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(Status::resource_exhausted(format!(
+                "the generator queue is full ({} waiting); retry later",
+                self.inner.config.queue_capacity
+            ))),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(Status::unavailable("the model worker has stopped"))
+            }
+        }
+    }
+}
+
+fn eos_ids(model: &Gemma3, tokenizer: &Tokenizer) -> Vec<u32> {
+    let mut ids = model.config().text.eos_token_ids.clone();
+    for &id in tokenizer.eos_ids() {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    if let Some(id) = tokenizer.token_to_id("<end_of_turn>")
+        && !ids.contains(&id)
+    {
+        ids.push(id);
+    }
+    ids
+}
+
+/// A validated request and what the response needs from it.
+struct Submitted {
+    request: GenerationRequest,
+    want_logprobs: bool,
+}
+
+fn check_range(
+    violations: &mut Vec<FieldViolation>,
+    field: &str,
+    value: Option<f32>,
+    ok: impl Fn(f32) -> bool,
+    rule: &str,
+) {
+    if let Some(v) = value
+        && (v.is_nan() || !ok(v))
+    {
+        violations.push(FieldViolation::new(field, rule));
+    }
+}
+
+fn embeddings_tensor(
+    embeddings: &[pb::ImageEmbedding],
+    info: &ModelInfo,
+    violations: &mut Vec<FieldViolation>,
+) -> Option<(Tensor, usize)> {
+    let mut values: Vec<f32> = Vec::new();
+    let mut rows_total = 0usize;
+    for (i, e) in embeddings.iter().enumerate() {
+        let field = |f: &str| format!("image_embeddings[{i}].{f}");
+        let size = match e.dtype.as_str() {
+            "f32" => 4,
+            "bf16" => 2,
+            _ => {
+                violations.push(FieldViolation::new(field("dtype"), "must be f32 or bf16"));
+                continue;
+            }
+        };
+        let [rows, width] = e.shape[..] else {
+            violations.push(FieldViolation::new(
+                field("shape"),
+                "must be [rows, hidden_size]",
+            ));
+            continue;
+        };
+        let (rows, width) = (rows as usize, width as usize);
+        if width != info.hidden_size {
+            violations.push(FieldViolation::new(
+                field("shape"),
+                format!(
+                    "width {width} is not the model's hidden size {}",
+                    info.hidden_size
+                ),
+            ));
+            continue;
+        }
+        let want = rows.checked_mul(width).and_then(|n| n.checked_mul(size));
+        if want != Some(e.data.len()) {
+            violations.push(FieldViolation::new(
+                field("data"),
+                format!(
+                    "holds {} bytes; shape {:?} of {} needs {}",
+                    e.data.len(),
+                    e.shape,
+                    e.dtype,
+                    want.map_or_else(|| "too many".to_owned(), |n| n.to_string())
+                ),
+            ));
+            continue;
+        }
+        rows_total += rows;
+        if size == 4 {
+            values.extend(
+                e.data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            );
+        } else {
+            values.extend(
+                e.data
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            );
+        }
+    }
+    if !violations.is_empty() || rows_total == 0 {
+        return None;
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        violations.push(FieldViolation::new(
+            "image_embeddings",
+            "hold NaN or infinite values",
+        ));
+        return None;
+    }
+    match Tensor::from_vec(values, (rows_total, info.hidden_size), &Device::Cpu) {
+        Ok(t) => Some((t, rows_total)),
+        Err(_) => {
+            violations.push(FieldViolation::new(
+                "image_embeddings",
+                "cannot be laid out as a [rows, hidden_size] tensor",
+            ));
+            None
+        }
+    }
+}
+
+/// `GenerateRequest` -> the engine's request, every field checked; all violations at once.
+fn convert(
+    req: pb::GenerateRequest,
+    info: &ModelInfo,
+    config: &GeneratorConfig,
+) -> Result<Submitted, Status> {
+    let mut v = Vec::new();
+    if req.prompt_ids.is_empty() {
+        v.push(FieldViolation::new("prompt_ids", "must not be empty"));
+    } else if req.prompt_ids.len() >= info.context_length {
+        v.push(FieldViolation::new(
+            "prompt_ids",
+            format!(
+                "{} tokens do not fit the model's context of {} tokens",
+                req.prompt_ids.len(),
+                info.context_length
+            ),
+        ));
+    }
+    if let Some(i) = req
+        .prompt_ids
+        .iter()
+        .position(|&id| id as usize >= info.vocab_size && Some(id) != info.image_token_id)
+    {
+        v.push(FieldViolation::new(
+            format!("prompt_ids[{i}]"),
+            format!("is outside the vocabulary (size {})", info.vocab_size),
+        ));
+    }
+    let image_tokens = info.image_token_id.map_or(0, |img| {
+        req.prompt_ids.iter().filter(|&&id| id == img).count()
+    });
+
+    let s = req.sampling.unwrap_or_default();
+    check_range(
+        &mut v,
+        "sampling.temperature",
+        s.temperature,
+        |t| t >= 0.0 && t.is_finite(),
+        "must be a number >= 0",
+    );
+    check_range(
+        &mut v,
+        "sampling.top_p",
+        s.top_p,
+        |p| p > 0.0 && p <= 1.0,
+        "must be in (0, 1]",
+    );
+    check_range(
+        &mut v,
+        "sampling.min_p",
+        s.min_p,
+        |p| (0.0..=1.0).contains(&p),
+        "must be in [0, 1]",
+    );
+    check_range(
+        &mut v,
+        "sampling.repetition_penalty",
+        s.repetition_penalty,
+        |p| p > 0.0 && p.is_finite(),
+        "must be > 0",
+    );
+    check_range(
+        &mut v,
+        "sampling.frequency_penalty",
+        s.frequency_penalty,
+        |p| (-2.0..=2.0).contains(&p),
+        "must be in [-2, 2]",
+    );
+    check_range(
+        &mut v,
+        "sampling.presence_penalty",
+        s.presence_penalty,
+        |p| (-2.0..=2.0).contains(&p),
+        "must be in [-2, 2]",
+    );
+    if s.top_k == Some(0) {
+        v.push(FieldViolation::new("sampling.top_k", "must be at least 1"));
+    }
+    if s.max_new_tokens == Some(0) {
+        v.push(FieldViolation::new(
+            "sampling.max_new_tokens",
+            "must be at least 1",
+        ));
+    }
+    let top_logprobs = req.top_logprobs.unwrap_or(0) as usize;
+    if top_logprobs > MAX_TOP_LOGPROBS {
+        v.push(FieldViolation::new(
+            "top_logprobs",
+            format!("must be at most {MAX_TOP_LOGPROBS}"),
+        ));
+    }
+    if req.logprob_token_ids.len() > MAX_LOGPROB_TOKEN_IDS {
+        v.push(FieldViolation::new(
+            "logprob_token_ids",
+            format!("at most {MAX_LOGPROB_TOKEN_IDS} ids"),
+        ));
+    }
+    if let Some(i) = req
+        .logprob_token_ids
+        .iter()
+        .position(|&id| id as usize >= info.vocab_size)
+    {
+        v.push(FieldViolation::new(
+            format!("logprob_token_ids[{i}]"),
+            format!("is outside the vocabulary (size {})", info.vocab_size),
+        ));
+    }
+    if req.stop_strings.len() > MAX_STOP_STRINGS {
+        v.push(FieldViolation::new(
+            "stop_strings",
+            format!("at most {MAX_STOP_STRINGS}"),
+        ));
+    }
+    if let Some(i) = req
+        .stop_strings
+        .iter()
+        .position(|s| s.len() > MAX_STOP_STRING_BYTES)
+    {
+        v.push(FieldViolation::new(
+            format!("stop_strings[{i}]"),
+            format!("longer than {MAX_STOP_STRING_BYTES} bytes"),
+        ));
+    }
+    let constraint = match req.constraint.and_then(|c| c.kind) {
+        None => None,
+        Some(pb::constraint::Kind::JsonSchema(text)) => {
+            match serde_json::from_str::<serde_json::Value>(&text) {
+                Ok(schema) => Some(ConstraintSpec::JsonSchema(schema)),
+                Err(_) => {
+                    v.push(FieldViolation::new(
+                        "constraint.json_schema",
+                        "is not valid JSON",
+                    ));
+                    None
+                }
+            }
+        }
+        Some(pb::constraint::Kind::Regex(re)) => {
+            if re.is_empty() {
+                v.push(FieldViolation::new("constraint.regex", "must not be empty"));
+                None
+            } else {
+                Some(ConstraintSpec::Regex(re))
+            }
+        }
+    };
+
+    let mut image_embeds = None;
+    if info.image_token_id.is_none() {
+        if !req.image_embeddings.is_empty() {
+            v.push(FieldViolation::new(
+                "image_embeddings",
+                "this model takes no image embeddings (it has no image token)",
+            ));
+        }
+    } else {
+        let got = embeddings_tensor(&req.image_embeddings, info, &mut v);
+        let rows = got.as_ref().map_or(0, |(_, rows)| *rows);
+        let shapes_ok = !v.iter().any(|x| x.field.starts_with("image_embeddings["));
+        if shapes_ok && rows != image_tokens {
+            v.push(FieldViolation::new(
+                "image_embeddings",
+                format!("{rows} embedding rows for {image_tokens} image tokens in prompt_ids"),
+            ));
+        }
+        image_embeds = got.map(|(t, _)| t);
+    }
+
+    if !v.is_empty() {
+        return Err(medgemma_rpc::bad_request_violations(v));
+    }
+    let defaults = SamplingParams::default();
+    let sampling = SamplingParams {
+        temperature: s.temperature.unwrap_or(defaults.temperature),
+        top_k: s.top_k.map(|k| k as usize),
+        top_p: s.top_p.unwrap_or(defaults.top_p),
+        min_p: s.min_p.unwrap_or(defaults.min_p),
+        repetition_penalty: s.repetition_penalty.unwrap_or(defaults.repetition_penalty),
+        frequency_penalty: s.frequency_penalty.unwrap_or(defaults.frequency_penalty),
+        presence_penalty: s.presence_penalty.unwrap_or(defaults.presence_penalty),
+        seed: s.seed.unwrap_or(defaults.seed),
+        top_logprobs,
+    };
+    // The engine's own checks, as field violations.
+    sampling
+        .validate()
+        .map_err(|e| engine_status(&medgemma_engine::EngineError::from(e)))?;
+    Ok(Submitted {
+        request: GenerationRequest {
+            prompt_ids: req.prompt_ids,
+            image_embeds,
+            sampling,
+            max_new_tokens: s.max_new_tokens.unwrap_or(config.default_max_new_tokens) as usize,
+            stop_strings: req.stop_strings,
+            ignore_eos: req.ignore_eos,
+            constraint,
+            logprob_token_ids: req.logprob_token_ids,
+        },
+        want_logprobs: req.top_logprobs.is_some(),
+    })
+}
+
+fn finish_reason(f: EngineFinish) -> pb::FinishReason {
+    match f {
+        EngineFinish::Stop => pb::FinishReason::Stop,
+        EngineFinish::Length => pb::FinishReason::Length,
+        EngineFinish::Cancelled => pb::FinishReason::Cancelled,
+    }
+}
+
+fn token_logprobs(s: &Sampled) -> pb::GeneratedTokenLogprobs {
+    pb::GeneratedTokenLogprobs {
+        token_id: s.token,
+        logprob: s.logprob,
+        top: s
+            .top
+            .iter()
+            .map(|&(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
+            .collect(),
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn response(finished: Finished, want_logprobs: bool, model_id: &str) -> pb::GenerateResponse {
+    let Finished { output, queue_time } = finished;
+    pb::GenerateResponse {
+        usage: Some(pb::Usage {
+            prompt_tokens: output.prompt_token_ids.len() as u32,
+            completion_tokens: output.token_ids.len() as u32,
+        }),
+        timings: Some(pb::Timings {
+            queue_ms: ms(queue_time),
+            prefill_ms: ms(output.prefill_time),
+            decode_ms: ms(output.decode_time),
+        }),
+        finish_reason: finish_reason(output.finish_reason) as i32,
+        logprobs: if want_logprobs {
+            output.logprobs.iter().map(token_logprobs).collect()
+        } else {
+            Vec::new()
+        },
+        first_token_logprobs: output
+            .first_token_logprobs
+            .iter()
+            .map(|&(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
+            .collect(),
+        token_ids: output.token_ids,
+        text: output.text,
+        model_id: model_id.to_owned(),
+    }
+}
+
+fn job_status(e: JobError) -> Status {
+    match e {
+        JobError::DeadlineExceeded { queued: true } => {
+            Status::deadline_exceeded("the deadline expired while the request was queued")
+        }
+        JobError::DeadlineExceeded { queued: false } => {
+            Status::deadline_exceeded("the deadline expired during generation")
+        }
+        JobError::Engine(e) => engine_status(&e),
+        JobError::Panicked => Status::internal("generation failed unexpectedly"),
+    }
+}
+
+type EventStream =
+    Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Generator for GeneratorService {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let (mut events, want_logprobs) = self.submit(request, convert, false)?;
+        // Dropping this future (client gone, deadline) drops `events`: the job stops.
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Token { .. } => {}
+                Event::Done(result) => {
+                    return result
+                        .map(|f| {
+                            Response::new(response(f, want_logprobs, &self.inner.config.model_id))
+                        })
+                        .map_err(job_status);
+                }
+            }
+        }
+        Err(Status::unavailable("the model worker stopped"))
+    }
+
+    type GenerateStreamStream = EventStream;
+
+    async fn generate_stream(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
+        let (events, want_logprobs) = self.submit(request, convert, true)?;
+        let model_id = self.inner.config.model_id.clone();
+        // The stream owns the receiver: when tonic drops it (client cancelled or disconnected),
+        // the model thread sees a closed channel and stops at the next token.
+        let stream = UnboundedReceiverStream::new(events).map(move |event| {
+            use pb::generate_stream_response::Event as Out;
+            match event {
+                Event::Token {
+                    text_delta,
+                    sampled,
+                } => Ok(pb::GenerateStreamResponse {
+                    event: Some(Out::Delta(pb::GenerateDelta {
+                        text: text_delta,
+                        token_ids: vec![sampled.token],
+                        logprobs: if want_logprobs {
+                            vec![token_logprobs(&sampled)]
+                        } else {
+                            Vec::new()
+                        },
+                    })),
+                }),
+                Event::Done(result) => result
+                    .map(|f| pb::GenerateStreamResponse {
+                        event: Some(Out::Response(response(f, want_logprobs, &model_id))),
+                    })
+                    .map_err(job_status),
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn stats(
+        &self,
+        _request: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsResponse>, Status> {
+        Ok(Response::new(GeneratorService::stats(self)))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let ready = self.ready()?;
+        let i = &ready.info;
+        Ok(Response::new(pb::InfoResponse {
+            model_id: self.inner.config.model_id.clone(),
+            context_length: i.context_length as u32,
+            vocab_size: i.vocab_size as u32,
+            hidden_size: i.hidden_size as u32,
+            accepts_image_embeddings: i.image_token_id.is_some(),
+            image_token_id: i.image_token_id,
+            tokens_per_image: i.tokens_per_image,
+            eos_token_ids: i.eos_token_ids.clone(),
+            default_max_new_tokens: self.inner.config.default_max_new_tokens,
+        }))
+    }
+}

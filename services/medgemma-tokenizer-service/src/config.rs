@@ -1,0 +1,92 @@
+//! The command line of `medgemma-tokenizer`; every flag also reads a `MEDGEMMA_*` variable.
+
+use std::path::PathBuf;
+
+use medgemma_tokenizer::{ChatTemplate, Tokenizer};
+
+use crate::error::TokenizerServiceError;
+use crate::service::TokenizerService;
+
+/// Flags of `medgemma-tokenizer`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenizerArgs {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    #[arg(
+        long,
+        env = "MEDGEMMA_TOKENIZER_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub listen: String,
+    /// tokenizer.json or a directory holding it (default: the demo Gemma 3 tokenizer in the
+    /// cache, fetched by `medgemma fetch-demo`).
+    #[arg(long, env = "MEDGEMMA_TOKENIZER")]
+    pub tokenizer: Option<PathBuf>,
+    /// A .gguf model whose own vocabulary to serve (instead of --tokenizer).
+    #[arg(long, env = "MEDGEMMA_MODEL", conflicts_with = "tokenizer")]
+    pub model: Option<PathBuf>,
+    /// The cache root holding the Gemma 3 chat template used when the tokenizer carries none
+    /// (default: $MEDGEMMA_CACHE_DIR or ~/.cache/medgemma).
+    #[arg(long, env = "MEDGEMMA_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Soft tokens per image when a request sets none (256 for Gemma 3).
+    #[arg(long, env = "MEDGEMMA_TOKENS_PER_IMAGE", default_value_t = 256)]
+    pub tokens_per_image: u32,
+    /// Seconds in-flight calls may run after SIGTERM before their connections are closed.
+    #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT_S", default_value_t = 10)]
+    pub drain_timeout_s: u64,
+}
+
+impl TokenizerArgs {
+    /// Loads the tokenizer and its chat template (blocking).
+    pub fn load(&self) -> Result<TokenizerService, TokenizerServiceError> {
+        if self.tokens_per_image == 0
+            || self.tokens_per_image > service_limits::MAX_TOKENS_PER_IMAGE
+        {
+            return Err(TokenizerServiceError::Config(format!(
+                "--tokens-per-image must be in 1..={}",
+                service_limits::MAX_TOKENS_PER_IMAGE
+            )));
+        }
+        let tokenizer = match (&self.tokenizer, &self.model) {
+            (Some(path), _) => Tokenizer::from_path(path)?,
+            (None, Some(model)) => {
+                let mut file = std::fs::File::open(model).map_err(|e| {
+                    TokenizerServiceError::Config(format!("cannot open {}: {e}", model.display()))
+                })?;
+                let content =
+                    candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {
+                        TokenizerServiceError::Config(format!(
+                            "{}: not a readable GGUF file: {e}",
+                            model.display()
+                        ))
+                    })?;
+                Tokenizer::from_gguf(&content)?
+            }
+            (None, None) => Tokenizer::from_path(medgemma_assets::demo_paths().tokenizer_dir)?,
+        };
+        let template = match tokenizer.chat_template() {
+            Some(t) => t.clone(),
+            None => {
+                let cache = self
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(medgemma_assets::cache_dir);
+                let t = ChatTemplate::gemma3_default(cache)?;
+                if let Some(note) = t.fallback_notice() {
+                    tracing::info!("{note}");
+                }
+                t
+            }
+        };
+        Ok(TokenizerService::new(
+            tokenizer,
+            template,
+            self.tokens_per_image as usize,
+        ))
+    }
+}
+
+pub(crate) mod service_limits {
+    /// The largest soft-token count per image a request may ask for.
+    pub const MAX_TOKENS_PER_IMAGE: u32 = 4096;
+}

@@ -1,0 +1,327 @@
+//! The `medgemma.tokenizer.v1.Tokenizer` service. CPU work (rendering, encoding, decoding)
+//! runs on the blocking pool, never on the async runtime's threads.
+
+use std::sync::Arc;
+
+use medgemma_proto::tokenizer::v1 as pb;
+use medgemma_proto::tokenizer::v1::tokenizer_server::{Tokenizer as TokenizerRpc, TokenizerServer};
+use medgemma_rpc::{FieldViolation, bad_request, bad_request_violations};
+use medgemma_tokenizer::{
+    ChatMessage, ChatTemplate, ContentPart, ImageTokens, Tokenizer, TokenizerError,
+};
+use tonic::{Request, Response, Status};
+
+use crate::config::service_limits::MAX_TOKENS_PER_IMAGE;
+
+/// Most messages in one `RenderChat`.
+const MAX_MESSAGES: usize = 1024;
+
+struct Inner {
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    /// The image tokens at the default soft-token count; `None` for a text-only vocabulary.
+    image: Option<ImageTokens>,
+    tokens_per_image: usize,
+}
+
+/// The tokenizer service over a loaded tokenizer and chat template. Clone freely.
+#[derive(Clone)]
+pub struct TokenizerService {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for TokenizerService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenizerService")
+            .field("vocab_size", &self.inner.tokenizer.vocab_size())
+            .field("template", &self.inner.template.origin())
+            .field("image_tokens", &self.inner.image.is_some())
+            .finish()
+    }
+}
+
+fn image_tokens(tokenizer: &Tokenizer, tokens_per_image: usize) -> Option<ImageTokens> {
+    tokenizer.image_tokens(tokens_per_image).ok().or_else(|| {
+        ImageTokens::from_strings(
+            tokenizer,
+            "<start_of_image>",
+            "<image_soft_token>",
+            "<end_of_image>",
+            tokens_per_image,
+        )
+        .ok()
+    })
+}
+
+/// A tokenizer failure while serving a request: bad input for what the caller controls,
+/// INTERNAL otherwise. Never carries the text.
+fn tokenizer_status(e: TokenizerError) -> Status {
+    match e {
+        TokenizerError::ConversationRejected(reason) => bad_request("messages", reason),
+        TokenizerError::ImagePlaceholders(reason) => bad_request("image_count", reason),
+        TokenizerError::InvalidTokenId { id: _, vocab_size } => bad_request(
+            "ids",
+            format!("holds an id outside the vocabulary (size {vocab_size})"),
+        ),
+        TokenizerError::UnknownToken { .. }
+        | TokenizerError::Io { .. }
+        | TokenizerError::NotFound(_)
+        | TokenizerError::InvalidFile { .. }
+        | TokenizerError::Gguf(_)
+        | TokenizerError::Tokenizers { .. }
+        | TokenizerError::Template { .. } => Status::internal(e.to_string()),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Status::internal("the tokenizer task failed"))?
+}
+
+impl TokenizerService {
+    /// Serves `tokenizer` with `template`; `tokens_per_image` is the default soft-token count.
+    pub fn new(tokenizer: Tokenizer, template: ChatTemplate, tokens_per_image: usize) -> Self {
+        let image = image_tokens(&tokenizer, tokens_per_image);
+        Self {
+            inner: Arc::new(Inner {
+                tokenizer,
+                template,
+                image,
+                tokens_per_image,
+            }),
+        }
+    }
+
+    /// The tonic server for this service, with raised message limits.
+    pub fn into_server(self) -> TokenizerServer<Self> {
+        medgemma_rpc::with_limits!(TokenizerServer::new(self))
+    }
+
+    /// The image tokens at `tokens_per_image` (or the default), or why not.
+    fn image_layout(&self, tokens_per_image: Option<u32>) -> Result<ImageTokens, Status> {
+        let image = self.inner.image.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this tokenizer has no image tokens (a text-only vocabulary)",
+            )
+        })?;
+        let n = match tokens_per_image {
+            None => self.inner.tokens_per_image,
+            Some(n) if n == 0 || n > MAX_TOKENS_PER_IMAGE => {
+                return Err(bad_request(
+                    "tokens_per_image",
+                    format!("must be in 1..={MAX_TOKENS_PER_IMAGE}"),
+                ));
+            }
+            Some(n) => n as usize,
+        };
+        Ok(ImageTokens {
+            tokens_per_image: n,
+            ..image.clone()
+        })
+    }
+
+    /// Expands, encodes and checks; the ids and the image spans.
+    fn encode_blocking(
+        &self,
+        text: String,
+        add_special_tokens: bool,
+        image_count: u32,
+        tokens_per_image: Option<u32>,
+    ) -> Result<(Vec<u32>, Vec<pb::ImageSpan>), Status> {
+        let inner = &self.inner;
+        if image_count == 0 {
+            let ids = inner
+                .tokenizer
+                .encode(&text, add_special_tokens)
+                .map_err(tokenizer_status)?;
+            return Ok((ids, Vec::new()));
+        }
+        let layout = self.image_layout(tokens_per_image)?;
+        let expanded = layout
+            .expand(&text, image_count as usize)
+            .map_err(tokenizer_status)?;
+        let ids = inner
+            .tokenizer
+            .encode(&expanded, add_special_tokens)
+            .map_err(tokenizer_status)?;
+        layout
+            .check_ids(&ids, image_count as usize)
+            .map_err(tokenizer_status)?;
+        let mut spans = Vec::with_capacity(image_count as usize);
+        let mut i = 0;
+        while i < ids.len() {
+            if ids[i] == layout.image_id {
+                let start = i;
+                while i < ids.len() && ids[i] == layout.image_id {
+                    i += 1;
+                }
+                spans.push(pb::ImageSpan {
+                    start: start as u32,
+                    length: (i - start) as u32,
+                });
+            } else {
+                i += 1;
+            }
+        }
+        Ok((ids, spans))
+    }
+}
+
+fn convert_messages(messages: Vec<pb::ChatMessage>) -> Result<(Vec<ChatMessage>, u32), Status> {
+    let mut violations = Vec::new();
+    if messages.is_empty() {
+        violations.push(FieldViolation::new("messages", "must not be empty"));
+    }
+    if messages.len() > MAX_MESSAGES {
+        violations.push(FieldViolation::new(
+            "messages",
+            format!("at most {MAX_MESSAGES} messages"),
+        ));
+    }
+    let mut images = 0u32;
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.into_iter().enumerate() {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            violations.push(FieldViolation::new(
+                format!("messages[{i}].role"),
+                "must be system, user or assistant",
+            ));
+        }
+        let mut parts = Vec::with_capacity(m.parts.len());
+        for (j, p) in m.parts.into_iter().enumerate() {
+            match p.kind {
+                Some(pb::content_part::Kind::Text(t)) => parts.push(ContentPart::Text(t)),
+                Some(pb::content_part::Kind::Image(_)) => {
+                    images += 1;
+                    parts.push(ContentPart::Image);
+                }
+                None => violations.push(FieldViolation::new(
+                    format!("messages[{i}].parts[{j}]"),
+                    "must hold text or an image",
+                )),
+            }
+        }
+        out.push(ChatMessage::new(m.role, parts));
+    }
+    if violations.is_empty() {
+        Ok((out, images))
+    } else {
+        Err(bad_request_violations(violations))
+    }
+}
+
+#[tonic::async_trait]
+impl TokenizerRpc for TokenizerService {
+    async fn render_chat(
+        &self,
+        request: Request<pb::RenderChatRequest>,
+    ) -> Result<Response<pb::RenderChatResponse>, Status> {
+        let req = request.into_inner();
+        let (messages, image_count) = convert_messages(req.messages)?;
+        let this = self.clone();
+        let text = blocking(move || {
+            this.inner
+                .template
+                .render(&messages, req.add_generation_prompt)
+                .map_err(tokenizer_status)
+        })
+        .await?;
+        Ok(Response::new(pb::RenderChatResponse { text, image_count }))
+    }
+
+    async fn encode(
+        &self,
+        request: Request<pb::EncodeRequest>,
+    ) -> Result<Response<pb::EncodeResponse>, Status> {
+        let r = request.into_inner();
+        let this = self.clone();
+        let (ids, image_spans) = blocking(move || {
+            this.encode_blocking(
+                r.text,
+                r.add_special_tokens,
+                r.image_count,
+                r.tokens_per_image,
+            )
+        })
+        .await?;
+        Ok(Response::new(pb::EncodeResponse { ids, image_spans }))
+    }
+
+    async fn decode(
+        &self,
+        request: Request<pb::DecodeRequest>,
+    ) -> Result<Response<pb::DecodeResponse>, Status> {
+        let r = request.into_inner();
+        let vocab = self.inner.tokenizer.vocab_size();
+        if let Some(i) = r.ids.iter().position(|&id| id as usize >= vocab) {
+            return Err(bad_request(
+                format!("ids[{i}]"),
+                format!("is outside the vocabulary (size {vocab})"),
+            ));
+        }
+        let this = self.clone();
+        let text = blocking(move || {
+            this.inner
+                .tokenizer
+                .decode(&r.ids, r.skip_special_tokens)
+                .map_err(tokenizer_status)
+        })
+        .await?;
+        Ok(Response::new(pb::DecodeResponse { text }))
+    }
+
+    async fn count_tokens(
+        &self,
+        request: Request<pb::CountTokensRequest>,
+    ) -> Result<Response<pb::CountTokensResponse>, Status> {
+        let r = request.into_inner();
+        let this = self.clone();
+        let (ids, _) = blocking(move || {
+            this.encode_blocking(
+                r.text,
+                r.add_special_tokens,
+                r.image_count,
+                r.tokens_per_image,
+            )
+        })
+        .await?;
+        Ok(Response::new(pb::CountTokensResponse {
+            count: ids.len() as u32,
+        }))
+    }
+
+    async fn image_layout(
+        &self,
+        request: Request<pb::ImageLayoutRequest>,
+    ) -> Result<Response<pb::ImageLayoutResponse>, Status> {
+        let layout = TokenizerService::image_layout(self, request.into_inner().tokens_per_image)?;
+        Ok(Response::new(pb::ImageLayoutResponse {
+            image_sequence: layout.sequence(),
+            boi_token: layout.boi,
+            boi_token_id: layout.boi_id,
+            image_token: layout.image,
+            image_token_id: layout.image_id,
+            eoi_token: layout.eoi,
+            eoi_token_id: layout.eoi_id,
+            tokens_per_image: layout.tokens_per_image as u32,
+        }))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let t = &self.inner.tokenizer;
+        Ok(Response::new(pb::InfoResponse {
+            vocab_size: t.vocab_size() as u32,
+            bos_token_id: t.bos_id(),
+            eos_token_ids: t.eos_ids().to_vec(),
+            chat_template_origin: self.inner.template.origin().to_string(),
+            has_image_tokens: self.inner.image.is_some(),
+            tokens_per_image: self.inner.tokens_per_image as u32,
+        }))
+    }
+}
