@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{LayerType, ModelConfig, RopeParams};
+use crate::config::{LayerType, ModelConfig, MultimodalConfig, RopeParams};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig, SequenceKv};
 use crate::weights::{
@@ -43,7 +43,8 @@ impl std::str::FromStr for ModelDType {
 }
 
 impl ModelDType {
-    fn to_candle(self) -> Result<DType> {
+    /// The candle dtype (f16 is refused: Gemma 3 overflows in fp16).
+    pub fn to_candle(self) -> Result<DType> {
         match self {
             Self::F32 => Ok(DType::F32),
             Self::BF16 => Ok(DType::BF16),
@@ -531,6 +532,29 @@ impl Gemma3 {
             .ok_or_else(|| ModelError::InvalidInput("empty prompt".into()))?;
         kv.release(&mut seq);
         Ok((logits, hidden))
+    }
+
+    /// Declares the image tokens of a decoder whose own config has none (a text checkpoint or
+    /// GGUF paired with a separately loaded vision tower, as the demo's multimodal pool is).
+    /// Image-token ids are then masked before the embedding lookup and their rows take the
+    /// spliced embeddings, as for a multimodal checkpoint. Refused when the model already has
+    /// a different multimodal config.
+    pub fn set_multimodal(&mut self, mm: MultimodalConfig) -> Result<()> {
+        if let Some(have) = &self.cfg.multimodal
+            && (have.image_token_index != mm.image_token_index
+                || have.mm_tokens_per_image != mm.mm_tokens_per_image)
+        {
+            return Err(ModelError::InvalidInput(format!(
+                "the checkpoint's own image config (token {}, {} per image) differs from the \
+                 one given (token {}, {} per image)",
+                have.image_token_index,
+                have.mm_tokens_per_image,
+                mm.image_token_index,
+                mm.mm_tokens_per_image
+            )));
+        }
+        self.cfg.multimodal = Some(mm);
+        Ok(())
     }
 
     fn image_token(&self) -> Option<u32> {

@@ -342,6 +342,9 @@ pub enum HfLayout {
     /// `model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*`,
     /// optional `lm_head.weight` (transformers >= 4.52 / v5).
     Multimodal,
+    /// Only a vision tower and projector (a vision-pool checkpoint): the vision crate reads
+    /// it; loading a decoder from it fails on the missing `embed_tokens`.
+    VisionOnly,
 }
 
 /// A Hugging Face checkpoint directory: one or more memory-mapped safetensors files.
@@ -415,6 +418,11 @@ impl SafetensorsCheckpoint {
             HfLayout::LegacyMultimodal
         } else if routing.contains_key("model.language_model.embed_tokens.weight") {
             HfLayout::Multimodal
+        } else if routing
+            .keys()
+            .any(|k| k.starts_with("vision_tower.") || k.starts_with("model.vision_tower."))
+        {
+            HfLayout::VisionOnly
         } else {
             return Err(ModelError::MissingTensor {
                 name: "embed_tokens.weight (under model., language_model.model. or model.language_model.)".into(),
@@ -456,7 +464,7 @@ impl SafetensorsCheckpoint {
     fn text_prefix(&self) -> &'static str {
         match self.layout {
             HfLayout::TextOnly => "model.",
-            HfLayout::LegacyMultimodal => "language_model.model.",
+            HfLayout::LegacyMultimodal | HfLayout::VisionOnly => "language_model.model.",
             HfLayout::Multimodal => "model.language_model.",
         }
     }
@@ -464,7 +472,7 @@ impl SafetensorsCheckpoint {
     fn lm_head_name(&self) -> &'static str {
         match self.layout {
             HfLayout::TextOnly | HfLayout::Multimodal => "lm_head.weight",
-            HfLayout::LegacyMultimodal => "language_model.lm_head.weight",
+            HfLayout::LegacyMultimodal | HfLayout::VisionOnly => "language_model.lm_head.weight",
         }
     }
 

@@ -68,6 +68,12 @@ pub enum VisionError {
     /// A caller-supplied argument is invalid (e.g. a target size of zero).
     #[error("{0}")]
     InvalidArgument(String),
+    /// A config.json that does not describe a usable vision tower.
+    #[error("vision config: {0}")]
+    Config(String),
+    /// The checkpoint lacks a tensor or holds a bad one.
+    #[error("vision checkpoint: {0}")]
+    Checkpoint(String),
     /// A tensor operation failed inside candle.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

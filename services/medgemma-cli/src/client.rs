@@ -32,7 +32,7 @@ pub struct ConnectArgs {
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct SamplingArgs {
     /// Sampling temperature (0 is greedy).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub temperature: Option<f32>,
     /// Nucleus sampling mass in (0, 1].
     #[arg(long)]
@@ -151,18 +151,15 @@ pub async fn connect(addr: &str) -> anyhow::Result<ClinicalTasksClient<Channel>>
     )))
 }
 
-fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+pub fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout);
     r
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    let mut msg = format!("{:?}: {}", s.code(), s.message());
-    for v in medgemma_rpc::field_violations(&s) {
-        msg.push_str(&format!("\n  {}: {}", v.field, v.description));
-    }
-    anyhow::anyhow!(msg)
+    // A BadRequest's message already lists its field violations.
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
 fn print_delta(t: &str) {

@@ -10,7 +10,8 @@ use anyhow::{Context, bail};
 use medgemma_engine::generate::{Engine, GenerationRequest, TokenEvent};
 use medgemma_engine::sampling::SamplingParams;
 use medgemma_model::{Gemma3, KvCacheConfig, LoadOptions, ModelDType, Quantize};
-use medgemma_tokenizer::{ChatMessage, ChatTemplate, ContentPart, Tokenizer};
+use medgemma_tokenizer::{ChatMessage, ChatTemplate, ContentPart, ImageTokens, Tokenizer};
+use medgemma_vision::{DecodeOptions, VisionEncoder};
 
 /// Flags of `medgemma generate`.
 #[derive(Debug, clap::Args)]
@@ -28,9 +29,20 @@ pub struct GenerateArgs {
     /// The user prompt.
     #[arg(long)]
     pub prompt: String,
-    /// Image files placed before the prompt text (PNG, JPEG, DICOM, ...).
+    /// Image files placed before the prompt text, in order (PNG, JPEG, WebP, TIFF, DICOM).
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
+    /// The multimodal checkpoint whose SigLIP tower and projector encode `--image` (default:
+    /// `--model` when it is a multimodal checkpoint directory).
+    #[arg(long, env = "MEDGEMMA_VISION_MODEL")]
+    pub vision_model: Option<PathBuf>,
+    /// Encode `--image` with the demo's seeded random vision tower (for a text-only model such
+    /// as the demo GGUF: the path runs for real, the embeddings carry no meaning).
+    #[arg(long, conflicts_with = "vision_model")]
+    pub demo_vision: bool,
+    /// Which frame of a multi-frame DICOM `--image` to use (from 0).
+    #[arg(long, default_value_t = 0)]
+    pub image_frame: u32,
     /// Skip the chat template (BOS is still prepended).
     #[arg(long)]
     pub raw: bool,
@@ -166,11 +178,21 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     if a.raw && a.system.is_some() {
         bail!("--raw skips the chat template, so --system has nowhere to go; drop one of them");
     }
-    if !a.images.is_empty() {
-        bail!(
-            "--image needs the MedGemma vision encoder, which this build does not have yet; run without --image"
-        );
+    if a.raw && !a.images.is_empty() {
+        bail!("--raw skips the chat template, which places the images; drop --raw to use --image");
     }
+    let opts = load_options(
+        a.dtype,
+        &a.device,
+        a.quantize,
+        a.dequantize,
+        a.cache_dir.clone(),
+    )?;
+    let vision = if a.images.is_empty() {
+        None
+    } else {
+        Some(load_vision(&a, &opts)?)
+    };
     let tokenizer = load_tokenizer(&a.model, a.tokenizer.as_deref())?;
     let prompt_ids = if a.raw {
         tokenizer.encode(&a.prompt, true)?
@@ -191,22 +213,46 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         if let Some(s) = &a.system {
             messages.push(ChatMessage::system(s.clone()));
         }
-        messages.push(ChatMessage::new(
-            "user",
-            vec![ContentPart::Text(a.prompt.clone())],
-        ));
+        let mut parts = vec![ContentPart::Image; a.images.len()];
+        parts.push(ContentPart::Text(a.prompt.clone()));
+        messages.push(ChatMessage::new("user", parts));
         let rendered = template.render(&messages, true)?;
-        tokenizer.encode(&rendered, true)?
+        match &vision {
+            None => tokenizer.encode(&rendered, true)?,
+            Some(v) => {
+                let c = v.config();
+                let tokens = ImageTokens::from_ids(
+                    &tokenizer,
+                    c.boi_token_index,
+                    c.image_token_index,
+                    c.eoi_token_index,
+                    c.mm_tokens_per_image,
+                )
+                .context("the tokenizer lacks the model's image tokens")?;
+                let ids = tokenizer.encode(&tokens.expand(&rendered, a.images.len())?, true)?;
+                tokens.check_ids(&ids, a.images.len())?;
+                ids
+            }
+        }
     };
-    let opts = load_options(
-        a.dtype,
-        &a.device,
-        a.quantize,
-        a.dequantize,
-        a.cache_dir.clone(),
-    )?;
-    let model =
+    let mut model =
         Gemma3::load(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
+    let image_embeds = match &vision {
+        None => None,
+        Some(v) => {
+            model
+                .set_multimodal(v.config().to_model_config())
+                .context("pairing the vision tower with the decoder")?;
+            if v.config().text_hidden_size != model.config().text.hidden_size {
+                bail!(
+                    "the vision projector outputs {} wide embeddings; the decoder is {} wide",
+                    v.config().text_hidden_size,
+                    model.config().text.hidden_size
+                );
+            }
+            Some(encode_images(v, &a.images, a.image_frame, model.dtype())?)
+        }
+    };
     let info = model.info().clone();
     tracing::info!(format = %info.format, weight_bytes = info.weight_bytes, types = ?info.tensor_types, "model loaded");
     let constraint = match (&a.json_schema, &a.regex) {
@@ -227,7 +273,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let req = GenerationRequest {
         prompt_ids,
-        image_embeds: None,
+        image_embeds,
         sampling: SamplingParams {
             temperature: a.temperature,
             top_k: a.top_k,
@@ -306,4 +352,62 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The vision tower for `--image`: `--vision-model`, the demo tower, or `--model` itself.
+fn load_vision(a: &GenerateArgs, opts: &LoadOptions) -> anyhow::Result<VisionEncoder> {
+    let dtype = opts.dtype.to_candle()?;
+    if a.demo_vision {
+        let hidden = if a.model.is_dir() {
+            medgemma_model::ModelConfig::from_hf_dir(&a.model)?
+                .text
+                .hidden_size
+        } else {
+            let mut f = std::fs::File::open(&a.model)
+                .with_context(|| format!("opening {}", a.model.display()))?;
+            let content =
+                candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
+                    anyhow::anyhow!("{}: not a readable GGUF file: {e}", a.model.display())
+                })?;
+            medgemma_model::ModelConfig::from_gguf(&content.metadata, &a.model)?
+                .text
+                .hidden_size
+        };
+        eprintln!(
+            "--demo-vision: a seeded RANDOM SigLIP tower encodes the images; the model cannot see them"
+        );
+        return Ok(VisionEncoder::demo(hidden, 0, &opts.device, dtype)?);
+    }
+    let dir = a.vision_model.as_ref().unwrap_or(&a.model);
+    if !dir.is_dir() {
+        bail!(
+            "--image needs a vision tower: {} is not a multimodal checkpoint directory (pass \
+             --vision-model DIR, or --demo-vision for the demo's random tower)",
+            dir.display()
+        );
+    }
+    VisionEncoder::load(dir, &opts.device, dtype)
+        .with_context(|| format!("loading the vision tower of {}", dir.display()))
+}
+
+/// Every image decoded, preprocessed and encoded: `[images * tokens, hidden]` in `dtype`.
+fn encode_images(
+    v: &VisionEncoder,
+    paths: &[PathBuf],
+    frame: u32,
+    dtype: candle_core::DType,
+) -> anyhow::Result<candle_core::Tensor> {
+    let opts = DecodeOptions {
+        frame,
+        ..DecodeOptions::default()
+    };
+    let mut rows = Vec::with_capacity(paths.len());
+    for p in paths {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        let e = v
+            .encode_bytes(&bytes, &opts)
+            .with_context(|| format!("image {}", p.display()))?;
+        rows.push(e.to_dtype(dtype)?);
+    }
+    Ok(candle_core::Tensor::cat(&rows, 0)?)
 }

@@ -6,8 +6,10 @@
 //! Logs go to stderr; `--json` output goes to stdout.
 
 mod bench;
+mod bench_vision;
 mod client;
 mod generate;
+mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +40,12 @@ enum Command {
     Mcq(client::McqArgs),
     /// Draft a radiology report for an image (`ClinicalTasks.DraftRadiologyReport`).
     Report(client::ReportArgs),
+    /// The whole suite in one process on loopback (tokenizer, vision, generators, gateway),
+    /// then each clinical task once through the gateway; serves until Ctrl-C / SIGTERM.
+    Up(Box<up::UpArgs>),
+    /// Images/s of the 4B vision tower (SigLIP so400m + projector, random weights in the real
+    /// shapes) beside transformers on the same checkpoint.
+    BenchVision(bench_vision::BenchVisionArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -84,6 +92,8 @@ fn main() {
         Command::Summarize(a) => client::summarize(a),
         Command::Mcq(a) => client::mcq(a),
         Command::Report(a) => client::report(a),
+        Command::Up(a) => up::run(*a),
+        Command::BenchVision(a) => bench_vision::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

@@ -33,7 +33,11 @@ const STOP_BOUND: Duration = Duration::from_secs(9);
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
     /// The gateway's address (`127.0.0.1:0` picks a free port).
-    #[arg(long, env = "MEDGEMMA_GATEWAY_LISTEN", default_value = "127.0.0.1:50050")]
+    #[arg(
+        long,
+        env = "MEDGEMMA_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:50050"
+    )]
     pub gateway_listen: String,
     /// The host the other services bind, each on a free port.
     #[arg(long, env = "MEDGEMMA_UP_HOST", default_value = "127.0.0.1")]
@@ -80,7 +84,9 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
 
 async fn up(a: UpArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
-    eprintln!("loading the demo model (gemma-3-270m), the Gemma 3 tokenizer and the demo vision tower...");
+    eprintln!(
+        "loading the demo model (gemma-3-270m), the Gemma 3 tokenizer and the demo vision tower..."
+    );
     let suite = Suite::start(SuiteOptions {
         host: a.host.clone(),
         gateway_listen: a.gateway_listen.clone(),
@@ -93,7 +99,11 @@ async fn up(a: UpArgs) -> anyhow::Result<bool> {
     .await
     .context("starting the suite")?;
     say_listening("tokenizer", suite.tokenizer.addr, "");
-    say_listening("vision", suite.vision.addr, "demo SigLIP tower with RANDOM weights");
+    say_listening(
+        "vision",
+        suite.vision.addr,
+        "demo SigLIP tower with RANDOM weights",
+    );
     for g in &suite.text {
         say_listening("generator", g.server.addr, "text pool, demo decoder");
     }
@@ -142,11 +152,7 @@ async fn run_demo(gateway: SocketAddr, max_new_tokens: u32) -> bool {
         }
     };
     let timeout = Duration::from_secs(300);
-    let req = |m| {
-        let mut r = tonic::Request::new(m);
-        r.set_timeout(timeout);
-        r
-    };
+
     let mut ok = true;
     let mut report = |name: &str, r: Result<String, tonic::Status>| match r {
         Ok(text) => println!("== {name}\n{text}\n"),
@@ -158,21 +164,27 @@ async fn run_demo(gateway: SocketAddr, max_new_tokens: u32) -> bool {
 
     println!("\n== demo: the four tasks through the gateway at {gateway}\n");
     let r = c
-        .ask(req(pb::AskRequest {
-            question: "What are the first-line treatments for Type 2 diabetes?".into(),
-            system: None,
-            sampling,
-        }))
+        .ask(client::request(
+            pb::AskRequest {
+                question: "What are the first-line treatments for Type 2 diabetes?".into(),
+                system: None,
+                sampling,
+            },
+            timeout,
+        ))
         .await
         .map(|r| client::ask_text(r.get_ref()));
     report("Ask", r);
 
     let r = c
-        .summarize_clinical_note(req(pb::SummarizeClinicalNoteRequest {
-            note: DEMO_NOTE.into(),
-            output_language: None,
-            sampling,
-        }))
+        .summarize_clinical_note(client::request(
+            pb::SummarizeClinicalNoteRequest {
+                note: DEMO_NOTE.into(),
+                output_language: None,
+                sampling,
+            },
+            timeout,
+        ))
         .await
         .map(|r| client::summary_text(r.get_ref()));
     report("SummarizeClinicalNote", r);
@@ -182,25 +194,31 @@ async fn run_demo(gateway: SocketAddr, max_new_tokens: u32) -> bool {
         .map(String::from)
         .collect();
     let r = c
-        .answer_multiple_choice(req(pb::AnswerMultipleChoiceRequest {
-            question: "下列哪種藥物是治療急性心肌梗塞的首選抗血小板藥物?".into(),
-            options: options.clone(),
-            sampling,
-        }))
+        .answer_multiple_choice(client::request(
+            pb::AnswerMultipleChoiceRequest {
+                question: "下列哪種藥物是治療急性心肌梗塞的首選抗血小板藥物?".into(),
+                options: options.clone(),
+                sampling,
+            },
+            timeout,
+        ))
         .await
         .map(|r| client::mcq_text(r.get_ref(), &options));
     report("AnswerMultipleChoice", r);
 
     let r = c
-        .draft_radiology_report(req(pb::DraftRadiologyReportRequest {
-            image: Some(pb::Image {
-                data: DEMO_IMAGE.to_vec(),
-                mime_type: "application/dicom".into(),
-            }),
-            modality: "PA chest X-ray".into(),
-            body_part: "chest".into(),
-            sampling,
-        }))
+        .draft_radiology_report(client::request(
+            pb::DraftRadiologyReportRequest {
+                image: Some(pb::Image {
+                    data: DEMO_IMAGE.to_vec(),
+                    mime_type: "application/dicom".into(),
+                }),
+                modality: "PA chest X-ray".into(),
+                body_part: "chest".into(),
+                sampling,
+            },
+            timeout,
+        ))
         .await
         .map(|r| client::report_text(r.get_ref()));
     report("DraftRadiologyReport", r);

@@ -113,3 +113,111 @@ fn bad_flag_combinations_are_clear_errors() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model"));
 }
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+#[test]
+fn image_prompt_matches_the_reference_greedy_tokens() {
+    // File -> our decoder and resize -> SigLIP -> projector -> splice -> decoder, against
+    // transformers' Gemma3ForConditionalGeneration on the same PNG (fixtures/tiny-4b).
+    let v: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("tiny-4b/golden.json")).unwrap())
+            .unwrap();
+    let c = v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "image_chat")
+        .unwrap();
+    let model = fixtures().join("tiny-4b");
+    let image = fixtures().join("images").join(c["image"].as_str().unwrap());
+    let n = c["greedy_ids"].as_array().unwrap().len().to_string();
+    let out = medgemma(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--prompt",
+        c["messages"][0]["content"][1]["text"].as_str().unwrap(),
+        "--max-new-tokens",
+        &n,
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["prompt_token_ids"], c["prompt_ids"]);
+    assert_eq!(j["token_ids"], c["greedy_ids"]);
+}
+
+#[test]
+fn several_images_including_dicom() {
+    let model = fixtures().join("tiny-4b");
+    let png = fixtures().join("images/gradient_90x60.png");
+    let dcm = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../libs/medgemma-vision/tests/data/RG1_J2KI.dcm");
+    let out = medgemma(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        png.to_str().unwrap(),
+        "--image",
+        dcm.to_str().unwrap(),
+        "--prompt",
+        "Compare.",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<u64> = j["prompt_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        ids.iter().filter(|&&t| t == 716).count(),
+        32,
+        "two runs of 16"
+    );
+    assert_eq!(ids.iter().filter(|&&t| t == 714).count(), 2);
+    assert!(j["token_ids"].as_array().unwrap().len() <= 3);
+}
+
+#[test]
+fn bad_images_are_clear_errors() {
+    let model = fixtures().join("tiny-4b");
+    let m = model.to_str().unwrap();
+    let not_image = fixtures().join("tiny-4b/config.json");
+    let truncated = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../libs/medgemma-vision/tests/data/MR_truncated.dcm");
+    for (path, needle) in [
+        (not_image.to_str().unwrap(), "unrecognised image format"),
+        (truncated.to_str().unwrap(), "DICOM"),
+        ("/nonexistent.png", "/nonexistent.png"),
+    ] {
+        let out = medgemma(&["generate", "--model", m, "--image", path, "--prompt", "x"]);
+        assert!(!out.status.success(), "{path} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{path}: {err}");
+        assert!(!err.contains("panicked"), "{path}: {err}");
+    }
+    let out = medgemma(&[
+        "generate", "--model", m, "--image", "x.png", "--raw", "--prompt", "x",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--raw"));
+}

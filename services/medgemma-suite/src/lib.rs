@@ -13,12 +13,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use candle_core::{DType, Device};
 use medgemma_gateway::{GatewayArgs, GatewayServer};
 use medgemma_generator::{GeneratorConfig, GeneratorService, RunningGenerator};
-use candle_core::{DType, Device};
 use medgemma_model::{Gemma3, LoadOptions};
-use medgemma_vision::VisionEncoder;
 use medgemma_tokenizer::Tokenizer;
+use medgemma_vision::VisionEncoder;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -201,7 +201,10 @@ fn demo_vision(
     Ok((Arc::new(decoder), service))
 }
 
-fn stopper() -> (watch::Sender<bool>, impl Future<Output = ()> + Send + 'static) {
+fn stopper() -> (
+    watch::Sender<bool>,
+    impl Future<Output = ()> + Send + 'static,
+) {
     let (tx, mut rx) = watch::channel(false);
     (tx, async move {
         let _ = rx.wait_for(|s| *s).await;

@@ -99,7 +99,10 @@ fn check_common(
         "{what}: finish {f:?}"
     );
     let t = timings.unwrap_or_else(|| panic!("{what}: timings"));
-    assert!(t.total_ms > 0.0 && t.prefill_ms > 0.0, "{what}: timings {t:?}");
+    assert!(
+        t.total_ms > 0.0 && t.prefill_ms > 0.0,
+        "{what}: timings {t:?}"
+    );
     assert_eq!(disclaimer, medgemma_gateway::prompt::DEFAULT_DISCLAIMER);
 }
 
@@ -147,23 +150,41 @@ fn each_task_answers_with_typed_fields() {
             .await
             .expect("Ask")
             .into_inner();
-        check_common("Ask", &r.model_id, r.usage.as_ref(), r.finish_reason, r.timings.as_ref(), &r.disclaimer);
+        check_common(
+            "Ask",
+            &r.model_id,
+            r.usage.as_ref(),
+            r.finish_reason,
+            r.timings.as_ref(),
+            &r.disclaimer,
+        );
 
         let r = c
             .summarize_clinical_note(req(pb::SummarizeClinicalNoteRequest {
-                note: "65-year-old man, chest tightness and dyspnea for three days. BNP 450 pg/mL. \
+                note:
+                    "65-year-old man, chest tightness and dyspnea for three days. BNP 450 pg/mL. \
                        Diagnosis: acute decompensated heart failure (HFrEF). IV diuretics, \
                        low-salt diet. Cardiology follow-up."
-                    .into(),
+                        .into(),
                 output_language: None,
                 sampling: sampling(40),
             }))
             .await
             .expect("Summarize")
             .into_inner();
-        check_common("Summarize", &r.model_id, r.usage.as_ref(), r.finish_reason, r.timings.as_ref(), &r.disclaimer);
+        check_common(
+            "Summarize",
+            &r.model_id,
+            r.usage.as_ref(),
+            r.finish_reason,
+            r.timings.as_ref(),
+            &r.disclaimer,
+        );
         assert_eq!(r.output_language, "zh-TW");
-        assert!(!r.chief_complaint.is_empty(), "the first typed field is filled");
+        assert!(
+            !r.chief_complaint.is_empty(),
+            "the first typed field is filled"
+        );
         assert!(r.text.contains("主訴"), "the text has the zh-TW headings");
 
         let options = vec![
@@ -182,18 +203,32 @@ fn each_task_answers_with_typed_fields() {
             .await
             .expect("MCQ")
             .into_inner();
-        check_common("MCQ", &r.model_id, r.usage.as_ref(), r.finish_reason, r.timings.as_ref(), &r.disclaimer);
+        check_common(
+            "MCQ",
+            &r.model_id,
+            r.usage.as_ref(),
+            r.finish_reason,
+            r.timings.as_ref(),
+            &r.disclaimer,
+        );
         assert_eq!(r.option_probabilities.len(), options.len());
         let sum: f64 = r.option_probabilities.iter().sum();
         assert!((sum - 1.0).abs() < 1e-9, "probabilities sum to {sum}");
-        assert!(r.option_probabilities.iter().all(|p| (0.0..=1.0).contains(p)));
+        assert!(
+            r.option_probabilities
+                .iter()
+                .all(|p| (0.0..=1.0).contains(p))
+        );
         let best = r
             .option_probabilities
             .iter()
             .cloned()
             .fold(f64::NEG_INFINITY, f64::max);
         assert_eq!(r.option_probabilities[r.chosen_index as usize], best);
-        assert_eq!(r.chosen_letter, ["A", "B", "C", "D"][r.chosen_index as usize]);
+        assert_eq!(
+            r.chosen_letter,
+            ["A", "B", "C", "D"][r.chosen_index as usize]
+        );
 
         let r = c
             .draft_radiology_report(req(pb::DraftRadiologyReportRequest {
@@ -208,13 +243,23 @@ fn each_task_answers_with_typed_fields() {
             .await
             .expect("Report")
             .into_inner();
-        check_common("Report", &r.model_id, r.usage.as_ref(), r.finish_reason, r.timings.as_ref(), &r.disclaimer);
+        check_common(
+            "Report",
+            &r.model_id,
+            r.usage.as_ref(),
+            r.finish_reason,
+            r.timings.as_ref(),
+            &r.disclaimer,
+        );
         assert!(r.requires_physician_review);
         assert!(!r.technique.is_empty(), "the first typed field is filled");
         let t = r.timings.unwrap();
         assert!(t.vision_ms > 0.0);
         let tokens_per_image = sh.suite.loaded().vision_service.tokens_per_image() as u32;
-        assert!(r.usage.unwrap().prompt_tokens > tokens_per_image, "the image tokens are in the prompt");
+        assert!(
+            r.usage.unwrap().prompt_tokens > tokens_per_image,
+            "the image tokens are in the prompt"
+        );
     });
 }
 
@@ -243,7 +288,14 @@ fn streams_send_deltas_then_the_typed_response() {
         }
         let r = last.expect("final response");
         assert_eq!(text.trim(), r.answer);
-        check_common("AskStream", &r.model_id, r.usage.as_ref(), r.finish_reason, r.timings.as_ref(), &r.disclaimer);
+        check_common(
+            "AskStream",
+            &r.model_id,
+            r.usage.as_ref(),
+            r.finish_reason,
+            r.timings.as_ref(),
+            &r.disclaimer,
+        );
 
         let mut s = c
             .draft_radiology_report_stream(req(pb::DraftRadiologyReportRequest {
@@ -298,15 +350,23 @@ fn requests_spread_over_replicas_and_survive_a_stopped_one() {
         );
         // Stop replica a: every request still succeeds, on b.
         let before = b.service.stats().requests_served;
-        a.server.stop(Duration::from_secs(10)).await.expect("a stops");
+        a.server
+            .stop(Duration::from_secs(10))
+            .await
+            .expect("a stops");
         for i in 0..4 {
             c.ask(ask())
                 .await
                 .unwrap_or_else(|e| panic!("request {i} after a stopped: {e}"));
         }
         assert_eq!(b.service.stats().requests_served, before + 4);
-        gw.stop(Duration::from_secs(10)).await.expect("gateway stops");
-        b.server.stop(Duration::from_secs(10)).await.expect("b stops");
+        gw.stop(Duration::from_secs(10))
+            .await
+            .expect("gateway stops");
+        b.server
+            .stop(Duration::from_secs(10))
+            .await
+            .expect("b stops");
     });
 }
 
@@ -324,8 +384,16 @@ fn cancelled_streams_and_expired_deadlines_free_the_generator() {
         };
 
         // A stream the client drops after its first delta.
-        let mut s = c.ask_stream(req(long())).await.expect("AskStream").into_inner();
-        let first = s.message().await.expect("first message").expect("a message");
+        let mut s = c
+            .ask_stream(req(long()))
+            .await
+            .expect("AskStream")
+            .into_inner();
+        let first = s
+            .message()
+            .await
+            .expect("first message")
+            .expect("a message");
         assert!(matches!(
             first.event,
             Some(pb::ask_stream_response::Event::TextDelta(_))
@@ -346,8 +414,13 @@ fn cancelled_streams_and_expired_deadlines_free_the_generator() {
         let took = wait_idle(&g, Duration::from_secs(1)).await;
         eprintln!("expired deadline: generator idle after {took:?}");
 
-        gw.stop(Duration::from_secs(10)).await.expect("gateway stops");
-        g.server.stop(Duration::from_secs(10)).await.expect("generator stops");
+        gw.stop(Duration::from_secs(10))
+            .await
+            .expect("gateway stops");
+        g.server
+            .stop(Duration::from_secs(10))
+            .await
+            .expect("generator stops");
     });
 }
 

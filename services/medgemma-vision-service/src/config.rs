@@ -12,7 +12,11 @@ use crate::service::{EmbeddingDType, VisionService, VisionSettings};
 #[derive(Debug, Clone, clap::Args)]
 pub struct VisionArgs {
     /// Address to listen on (`127.0.0.1:0` picks a free port).
-    #[arg(long, env = "MEDGEMMA_VISION_LISTEN", default_value = "127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "MEDGEMMA_VISION_LISTEN",
+        default_value = "127.0.0.1:50052"
+    )]
     pub listen: String,
     /// A MedGemma 4B / Gemma 3 multimodal checkpoint directory (its vision tower and projector
     /// are loaded). Without it the seeded random demo tower is used.
@@ -36,7 +40,12 @@ pub struct VisionArgs {
     #[arg(long, env = "MEDGEMMA_DEVICE", default_value = "cpu")]
     pub device: String,
     /// The element type of returned embeddings.
-    #[arg(long, env = "MEDGEMMA_EMBEDDING_DTYPE", value_enum, default_value = "f32")]
+    #[arg(
+        long,
+        env = "MEDGEMMA_EMBEDDING_DTYPE",
+        value_enum,
+        default_value = "f32"
+    )]
     pub embedding_dtype: EmbeddingDType,
     /// The largest image a request may carry, in bytes.
     #[arg(long, env = "MEDGEMMA_MAX_IMAGE_BYTES", default_value_t = 20 << 20)]

@@ -21,7 +21,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     tracing::info!(config = ?cli.args, "starting vision service");
-    let running = medgemma_vision_service::launch(cli.args, medgemma_rpc::shutdown_signal()).await?;
+    let running =
+        medgemma_vision_service::launch(cli.args, medgemma_rpc::shutdown_signal()).await?;
     println!("vision listening on {}", running.local_addr);
     running.server.await??;
     Ok(())

@@ -114,8 +114,12 @@ impl std::fmt::Debug for VisionService {
 impl VisionService {
     /// Starts the encoder thread (it warms up with one small image first; see
     /// [`warmed`](Self::warmed)).
-    pub fn new(encoder: VisionEncoder, settings: VisionSettings) -> Result<Self, VisionServiceError> {
-        if settings.queue_capacity == 0 || settings.max_images == 0 || settings.max_image_bytes == 0 {
+    pub fn new(
+        encoder: VisionEncoder,
+        settings: VisionSettings,
+    ) -> Result<Self, VisionServiceError> {
+        if settings.queue_capacity == 0 || settings.max_images == 0 || settings.max_image_bytes == 0
+        {
             return Err(VisionServiceError::Config(
                 "queue capacity, images per request and image bytes must be at least 1".into(),
             ));
@@ -133,7 +137,9 @@ impl VisionService {
         std::thread::Builder::new()
             .name("vision-encoder".into())
             .spawn(move || worker(encoder, decode, dtype, rx, warm_tx))
-            .map_err(|e| VisionServiceError::Config(format!("cannot start the encoder thread: {e}")))?;
+            .map_err(|e| {
+                VisionServiceError::Config(format!("cannot start the encoder thread: {e}"))
+            })?;
         Ok(Self {
             inner: Arc::new(Inner {
                 tokens_per_image: u32::try_from(cfg.mm_tokens_per_image).unwrap_or(u32::MAX),
@@ -183,12 +189,19 @@ impl VisionService {
         let s = &self.inner.settings;
         let mut v = Vec::new();
         if images.is_empty() {
-            v.push(FieldViolation::new("images", "must hold at least one image"));
+            v.push(FieldViolation::new(
+                "images",
+                "must hold at least one image",
+            ));
         }
         if images.len() > s.max_images {
             v.push(FieldViolation::new(
                 "images",
-                format!("holds {} images, more than the limit of {}", images.len(), s.max_images),
+                format!(
+                    "holds {} images, more than the limit of {}",
+                    images.len(),
+                    s.max_images
+                ),
             ));
         }
         for (i, img) in images.iter().enumerate() {
@@ -364,10 +377,12 @@ impl VisionEncoderRpc for VisionService {
         let timeout = medgemma_rpc::deadline::remaining(&request);
         let images = request.into_inner().images;
         let n = images.len();
-        let r = VisionService::embed(self, images, timeout).await.map_err(|e| {
-            tracing::info!(images = n, error = %e, "embed failed");
-            Status::from(e)
-        })?;
+        let r = VisionService::embed(self, images, timeout)
+            .await
+            .map_err(|e| {
+                tracing::info!(images = n, error = %e, "embed failed");
+                Status::from(e)
+            })?;
         tracing::debug!(images = n, encode_ms = r.encode_ms, "embedded");
         Ok(Response::new(r))
     }

@@ -1,0 +1,211 @@
+//! `medgemma bench-vision`: images/s of the MedGemma 4B vision path (SigLIP so400m at 896 px +
+//! projector) on seeded random weights in the real shapes, beside transformers on the same
+//! checkpoint in the same run, with a full-size parity check and the memory the forward pass
+//! needs on top of the weights.
+//!
+//! tools/bench/vision_transformers.py makes the checkpoint (once) and times transformers;
+//! this side loads the same files with our loader.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor};
+use medgemma_vision::VisionEncoder;
+
+/// Flags of `medgemma bench-vision`.
+#[derive(Debug, clap::Args)]
+pub struct BenchVisionArgs {
+    /// Python with torch + transformers (tools/fixtures/requirements.txt). Without it only our
+    /// side runs, on a checkpoint that must already be in --dir.
+    #[arg(long, env = "MEDGEMMA_BENCH_PYTHON")]
+    pub python: Option<PathBuf>,
+    /// Where the full-size random checkpoint lives (made on first use, ~1.7 GB).
+    #[arg(long, default_value = "/tmp/medgemma-bench-so400m")]
+    pub dir: PathBuf,
+    /// Images timed per side (after one warm-up image).
+    #[arg(long, default_value_t = 3)]
+    pub images: usize,
+    /// Print the table as JSON too.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Resets the peak-RSS counter (Linux >= 4.0); false where not possible.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// User + system CPU seconds of this process so far (/proc/self/stat), so a busy machine
+/// shows up as wall time, not as a different ratio.
+fn cpu_seconds() -> f64 {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            // Fields after the parenthesised command name; utime and stime are 14 and 15.
+            let rest = s.rsplit_once(')')?.1.to_string();
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    ticks as f64 / 100.0
+}
+
+fn gib(b: f64) -> String {
+    format!("{:.2} GiB", b / (1u64 << 30) as f64)
+}
+
+pub fn run(a: BenchVisionArgs) -> anyhow::Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let mut peer: Option<serde_json::Value> = None;
+    if let Some(py) = &a.python {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tools/bench/vision_transformers.py");
+        eprintln!("transformers: {} {}", py.display(), script.display());
+        let out = Command::new(py)
+            .arg(&script)
+            .arg("--dir")
+            .arg(&a.dir)
+            .arg("--images")
+            .arg(a.images.to_string())
+            .arg("--threads")
+            .arg(threads.to_string())
+            .output()
+            .with_context(|| format!("running {}", py.display()))?;
+        if !out.status.success() {
+            bail!(
+                "the transformers side failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let line = String::from_utf8_lossy(&out.stdout);
+        peer = Some(
+            serde_json::from_str(line.trim().lines().last().unwrap_or(""))
+                .context("the transformers side printed no JSON")?,
+        );
+    }
+    if !a.dir.join("model.safetensors").exists() {
+        bail!(
+            "{} holds no checkpoint: run once with --python (torch + transformers) to make it",
+            a.dir.display()
+        );
+    }
+    let t_load = Instant::now();
+    let enc = VisionEncoder::load(&a.dir, &Device::Cpu, DType::F32)?;
+    let load_s = t_load.elapsed().as_secs_f64();
+    let reference = a.dir.join("reference.safetensors");
+    let (pixels, want) = if reference.exists() {
+        let t = candle_core::safetensors::load(&reference, &Device::Cpu)?;
+        (t["pixel_values"].clone(), Some(t["embeddings"].clone()))
+    } else {
+        (
+            Tensor::rand(-1f32, 1f32, (1, 3, 896, 896), &Device::Cpu)?,
+            None,
+        )
+    };
+    let got = enc.encode_pixels(&pixels)?; // warm-up, and parity
+    let parity = match &want {
+        Some(w) => {
+            let d = (got.get(0)? - w)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            let scale = w.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            Some((d, scale))
+        }
+        None => None,
+    };
+    let rss_loaded = status_kib("VmRSS") * 1024;
+    let peak_ok = reset_peak_rss();
+    let t0 = Instant::now();
+    let c0 = cpu_seconds();
+    for _ in 0..a.images {
+        enc.encode_pixels(&pixels)?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu_per_image = (cpu_seconds() - c0) / a.images as f64;
+    let peak = status_kib("VmHWM") * 1024;
+    let ours = a.images as f64 / secs;
+    let weight_bytes: f64 = {
+        let v = &enc.config().vision;
+        let (h, m, l) = (
+            v.hidden_size as f64,
+            v.intermediate_size as f64,
+            v.num_hidden_layers as f64,
+        );
+        let per_layer = 4.0 * h * h + 2.0 * h * m + 9.0 * h + m;
+        let emb = h * 3.0 * (v.patch_size * v.patch_size) as f64 + h + v.num_patches() as f64 * h;
+        (l * per_layer + emb + 2.0 * h + h * enc.config().text_hidden_size as f64 + h) * 4.0
+    };
+
+    println!(
+        "| engine | images/s | s/image | CPU s/image | weights | RSS after load | peak RSS in forward |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| medgemma-serve (candle, f32, {threads} threads) | {ours:.4} | {:.2} | {cpu_per_image:.1} | {} | {} | {} |",
+        1.0 / ours,
+        gib(weight_bytes),
+        gib(rss_loaded as f64),
+        if peak_ok {
+            gib(peak as f64)
+        } else {
+            "n/a".into()
+        },
+    );
+    if let Some(p) = &peer {
+        let ips = p["images_per_s"].as_f64().unwrap_or(0.0);
+        let peer_cpu = p["cpu_seconds_per_image"].as_f64().unwrap_or(0.0);
+        println!(
+            "| {} ({} threads) | {ips:.4} | {:.2} | {peer_cpu:.1} | {} | {} | {} |",
+            p["impl"].as_str().unwrap_or("transformers"),
+            p["threads"],
+            1.0 / ips,
+            gib(p["weight_bytes"].as_f64().unwrap_or(0.0)),
+            gib(p["rss_after_load_bytes"].as_f64().unwrap_or(0.0)),
+            gib(p["peak_rss_bytes"].as_f64().unwrap_or(0.0)),
+        );
+        println!();
+        println!(
+            "speed ratio (ours / transformers): {:.2}x by wall time, {:.2}x by CPU time",
+            ours / ips,
+            peer_cpu / cpu_per_image.max(1e-9)
+        );
+    }
+    if peak_ok {
+        println!(
+            "forward pass needs {} above the loaded weights (4096 patches, 27 layers)",
+            gib(peak.saturating_sub(rss_loaded) as f64)
+        );
+    }
+    if let Some((d, scale)) = parity {
+        println!(
+            "full-size parity: max |ours - transformers| = {d:.2e} over embeddings of max |x| = {scale:.2e}"
+        );
+    }
+    println!("load: {load_s:.1} s");
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ours": {"images_per_s": ours, "cpu_seconds_per_image": cpu_per_image, "threads": threads, "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": peak},
+                "transformers": peer,
+                "parity_max_abs_diff": parity.map(|p| p.0),
+            })
+        );
+    }
+    Ok(())
+}
