@@ -405,8 +405,11 @@ fn cancelled_streams_and_expired_deadlines_free_the_generator() {
         eprintln!("cancelled stream: generator idle after {took:?}");
 
         // A unary call whose deadline passes mid-generation.
+        // The header alone (not `set_timeout`, whose local timer would race the server's
+        // answer): the gateway must enforce the deadline itself and say DEADLINE_EXCEEDED.
         let mut r = tonic::Request::new(long());
-        r.set_timeout(Duration::from_millis(1500));
+        r.metadata_mut()
+            .insert("grpc-timeout", "1500m".parse().expect("ascii"));
         let t = Instant::now();
         let e = c.ask(r).await.expect_err("the deadline passes first");
         assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
