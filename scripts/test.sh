@@ -34,3 +34,6 @@ PY
 fi
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# Black box: `medgemma up` driven from Python grpcio (health, reflection, the four tasks, bad
+# requests, SIGTERM).
+bash tests/blackbox/run.sh

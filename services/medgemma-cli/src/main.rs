@@ -2,11 +2,14 @@
 //!
 //! Subcommands: `fetch-demo` (download and checksum the embedded demo model and tokenizer),
 //! `generate` (run a prompt through a Gemma 3 / MedGemma model), `bench` (prefill and decode
-//! speed beside llama.cpp). Logs go to stderr; `--json` output goes to stdout.
+//! speed beside llama.cpp), and the gateway's clients `ask`, `summarize`, `mcq`, `report`.
+//! Logs go to stderr; `--json` output goes to stdout.
 
 mod bench;
 mod bench_vision;
+mod client;
 mod generate;
+mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +32,17 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Measure prefill and decode tokens/s at batch 1, beside llama.cpp when it is present.
     Bench(bench::BenchArgs),
+    /// Ask the gateway a medical question (`ClinicalTasks.Ask`).
+    Ask(client::AskArgs),
+    /// Summarize a clinical note into typed fields (`ClinicalTasks.SummarizeClinicalNote`).
+    Summarize(client::SummarizeArgs),
+    /// Answer a multiple-choice question (`ClinicalTasks.AnswerMultipleChoice`).
+    Mcq(client::McqArgs),
+    /// Draft a radiology report for an image (`ClinicalTasks.DraftRadiologyReport`).
+    Report(client::ReportArgs),
+    /// The whole suite in one process on loopback (tokenizer, vision, generators, gateway),
+    /// then each clinical task once through the gateway; serves until Ctrl-C / SIGTERM.
+    Up(Box<up::UpArgs>),
     /// Images/s of the 4B vision tower (SigLIP so400m + projector, random weights in the real
     /// shapes) beside transformers on the same checkpoint.
     BenchVision(bench_vision::BenchVisionArgs),
@@ -74,6 +88,11 @@ fn main() {
         Command::FetchDemo(a) => fetch_demo(a),
         Command::Generate(a) => generate::run(*a),
         Command::Bench(a) => bench::run(a),
+        Command::Ask(a) => client::ask(a),
+        Command::Summarize(a) => client::summarize(a),
+        Command::Mcq(a) => client::mcq(a),
+        Command::Report(a) => client::report(a),
+        Command::Up(a) => up::run(*a),
         Command::BenchVision(a) => bench_vision::run(a),
     };
     if let Err(e) = res {

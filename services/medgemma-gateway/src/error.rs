@@ -1,0 +1,109 @@
+//! The gateway's one error type and its one mapping to `tonic::Status`.
+
+use medgemma_rpc::FieldViolation;
+use tonic::{Code, Status};
+
+/// Everything a task can fail with. Messages name fields, limits, pools and replicas, never
+/// request content.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The request is malformed.
+    #[error("invalid request ({} field violations)", .0.len())]
+    InvalidArgument(Vec<FieldViolation>),
+    /// A pool has no replica to send to.
+    #[error("the {pool} pool has no replicas: {reason}")]
+    NoReplicas {
+        /// The pool's name (`text`, `multimodal`, `vision`, `tokenizer`).
+        pool: &'static str,
+        /// Why (not configured, or its names resolved to nothing).
+        reason: String,
+    },
+    /// A downstream service answered with an error; its code (and details) pass through.
+    #[error("{pool}: {}", .status.message())]
+    Upstream {
+        /// The pool that answered.
+        pool: &'static str,
+        /// Its status.
+        status: Status,
+    },
+    /// A downstream service answered something the gateway cannot use.
+    #[error("{pool} answered an unusable response: {reason}")]
+    BadUpstreamResponse {
+        /// The pool that answered.
+        pool: &'static str,
+        /// What was wrong (shapes, counts; never content).
+        reason: String,
+    },
+    /// The caller's deadline passed.
+    #[error("deadline exceeded while {stage}")]
+    DeadlineExceeded {
+        /// What the task was doing.
+        stage: &'static str,
+    },
+    /// The gateway is shutting down or the caller went away.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl GatewayError {
+    /// One bad field.
+    pub fn field(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+}
+
+impl From<GatewayError> for Status {
+    fn from(e: GatewayError) -> Self {
+        let message = e.to_string();
+        match e {
+            GatewayError::InvalidArgument(v) => medgemma_rpc::bad_request_violations(v),
+            GatewayError::NoReplicas { .. } => Status::unavailable(message),
+            GatewayError::Upstream { status, .. } => {
+                // Keep the code and the rich details (BadRequest, RetryInfo) of the callee.
+                Status::with_details(status.code(), message, status.details().to_vec().into())
+            }
+            GatewayError::BadUpstreamResponse { .. } => Status::internal(message),
+            GatewayError::DeadlineExceeded { .. } => Status::deadline_exceeded(message),
+            GatewayError::Cancelled => Status::cancelled(message),
+        }
+    }
+}
+
+/// Whether a downstream status means "try another replica": the replica is down, restarting or
+/// draining (nothing was done).
+pub fn is_retryable(status: &Status) -> bool {
+    status.code() == Code::Unavailable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes() {
+        let s: Status = GatewayError::field("question", "must not be empty").into();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(medgemma_rpc::field_violations(&s)[0].field, "question");
+        let s: Status = GatewayError::NoReplicas {
+            pool: "text",
+            reason: "not configured".into(),
+        }
+        .into();
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("text pool"));
+        let s: Status = GatewayError::Upstream {
+            pool: "text",
+            status: Status::resource_exhausted("queue full"),
+        }
+        .into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(s.message(), "text: queue full");
+        let inner = medgemma_rpc::bad_request("prompt_ids", "too long");
+        let s: Status = GatewayError::Upstream {
+            pool: "text",
+            status: inner,
+        }
+        .into();
+        assert_eq!(medgemma_rpc::field_violations(&s)[0].field, "prompt_ids");
+    }
+}

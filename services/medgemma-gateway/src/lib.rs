@@ -1,0 +1,154 @@
+//! The medgemma task gateway: `medgemma.gateway.v1.ClinicalTasks`.
+//!
+//! Each task renders its prompt with the tokenizer service, generates on a pool of generator
+//! replicas (text tasks on the "text" pool; image tasks through the vision service, then the
+//! "multimodal" pool), and answers typed fields decoded under a JSON schema, so they always
+//! parse. Pools are client-side load balanced (round robin, UNAVAILABLE replicas skipped,
+//! DNS re-resolved periodically); deadlines and trace context travel on every hop; a caller
+//! that goes away cancels generation.
+//!
+//! The gateway never logs request content (questions, notes, images, generated text).
+//!
+//! ```ignore
+//! let gw = GatewayServer::bind(args).await?;
+//! println!("gateway listening on {}", gw.local_addr());
+//! gw.serve(medgemma_rpc::shutdown_signal()).await?;
+//! ```
+
+pub mod config;
+pub mod deadline;
+pub mod error;
+pub mod pool;
+pub mod prompt;
+pub mod service;
+pub mod structured;
+pub mod tasks;
+pub mod validate;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use medgemma_proto::gateway::v1::clinical_tasks_server::{ClinicalTasksServer, SERVICE_NAME};
+use medgemma_rpc::{Health, RpcError, RpcServer, ServeOptions};
+use tonic::service::Routes;
+
+pub use config::GatewayArgs;
+pub use error::GatewayError;
+pub use pool::Pool;
+pub use service::ClinicalTasksService;
+pub use tasks::Tasks;
+
+/// A bound gateway, pools resolved, not yet serving.
+#[derive(Debug)]
+pub struct GatewayServer {
+    server: RpcServer,
+    service: ClinicalTasksService,
+    pools: Vec<Arc<Pool>>,
+    resolve_interval: Duration,
+}
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A flag is out of range.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Binding failed.
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+}
+
+impl GatewayServer {
+    /// Checks `args`, resolves the pools once and binds the listen address. Empty pools are
+    /// allowed (their tasks answer UNAVAILABLE saying which flag to set).
+    pub async fn bind(args: GatewayArgs) -> Result<Self, StartError> {
+        args.validate().map_err(StartError::Config)?;
+        let tokenizer = Arc::new(Pool::new(
+            "tokenizer",
+            "--tokenizer-addr / MEDGEMMA_TOKENIZER_ADDR",
+            args.tokenizer_addr.clone(),
+        ));
+        let text = Arc::new(Pool::new(
+            "text",
+            "--text-pool / MEDGEMMA_TEXT_POOL",
+            args.text_pool.clone(),
+        ));
+        let multimodal = Arc::new(Pool::new(
+            "multimodal",
+            "--multimodal-pool / MEDGEMMA_MULTIMODAL_POOL",
+            args.multimodal_pool.clone(),
+        ));
+        let vision = Arc::new(Pool::new(
+            "vision",
+            "--vision-pool / MEDGEMMA_VISION_POOL",
+            args.vision_pool.clone(),
+        ));
+        let pools = vec![
+            tokenizer.clone(),
+            text.clone(),
+            multimodal.clone(),
+            vision.clone(),
+        ];
+        for p in &pools {
+            p.refresh().await;
+            if p.targets().is_empty() {
+                tracing::warn!(
+                    pool = p.name(),
+                    "pool not configured; its tasks answer UNAVAILABLE"
+                );
+            } else {
+                tracing::info!(pool = p.name(), targets = ?p.targets(), replicas = ?p.addrs(), "pool");
+            }
+        }
+        let tasks = Arc::new(Tasks::new(
+            tokenizer,
+            text,
+            multimodal,
+            vision,
+            args.disclaimer.clone(),
+        ));
+        let timeout = (!args.request_timeout.is_zero()).then_some(args.request_timeout);
+        let service = ClinicalTasksService::new(tasks, validate::Limits::from(&args), timeout);
+        let server = RpcServer::bind_with(
+            &args.listen,
+            &[SERVICE_NAME],
+            ServeOptions {
+                drain_timeout: args.drain_timeout,
+                ..ServeOptions::default()
+            },
+        )
+        .await?;
+        Ok(Self {
+            server,
+            service,
+            pools,
+            resolve_interval: args.resolve_interval,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// The health handle (SERVING once [`serve`](Self::serve) starts).
+    pub fn health(&self) -> Health {
+        self.server.health()
+    }
+
+    /// Serves until `shutdown` completes, then drains. Pools are re-resolved meanwhile.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RpcError> {
+        let resolver = tokio::spawn(pool::resolve_forever(self.pools, self.resolve_interval));
+        let routes = Routes::new(medgemma_rpc::with_limits!(ClinicalTasksServer::new(
+            self.service
+        )));
+        let health = self.server.health();
+        // Stateless: ready as soon as it accepts.
+        health.set_serving().await;
+        let r = self.server.serve(routes, shutdown).await;
+        resolver.abort();
+        r
+    }
+}

@@ -1,0 +1,346 @@
+//! Client-side load balancing over the replicas of one pool.
+//!
+//! A pool is a list of `host:port` targets. Each target is resolved (DNS names to every address
+//! they hold: a Kubernetes headless Service lists one per pod) at start and again every
+//! `resolve_interval`, so replicas added later get traffic and removed ones stop getting it.
+//! Every address gets its own lazily connected HTTP/2 channel; calls go round robin over them.
+//! A replica that answers UNAVAILABLE (down, restarting, draining) is skipped for a while and the
+//! call is retried on the next one, as long as nothing has been sent to the caller yet.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{GatewayError, is_retryable};
+
+/// How long a replica that answered UNAVAILABLE goes to the back of the line.
+const PENALTY: Duration = Duration::from_secs(5);
+/// How long connecting to a replica may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One address of a pool with its channel.
+#[derive(Debug)]
+pub struct Replica {
+    addr: SocketAddr,
+    channel: Channel,
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl Replica {
+    fn new(addr: SocketAddr) -> Self {
+        // `SocketAddr` formats IPv6 with brackets, as a URI authority needs.
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("a socket address is a valid authority")
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        Self {
+            addr,
+            channel,
+            down_until: Mutex::new(None),
+        }
+    }
+
+    /// The replica's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its channel (cheap to clone).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    fn is_down(&self, now: Instant) -> bool {
+        self.down_until
+            .lock()
+            .map(|d| d.is_some_and(|t| t > now))
+            .unwrap_or(false)
+    }
+
+    fn mark_down(&self) {
+        if let Ok(mut d) = self.down_until.lock() {
+            *d = Some(Instant::now() + PENALTY);
+        }
+    }
+
+    fn mark_up(&self) {
+        if let Ok(mut d) = self.down_until.lock() {
+            *d = None;
+        }
+    }
+}
+
+/// The replicas of one pool.
+#[derive(Debug)]
+pub struct Pool {
+    name: &'static str,
+    flag: &'static str,
+    targets: Vec<String>,
+    replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    /// A pool of `targets` (`host:port`), not resolved yet. `flag` names the option that
+    /// configures it (for error messages).
+    pub fn new(name: &'static str, flag: &'static str, targets: Vec<String>) -> Self {
+        let targets = targets
+            .into_iter()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect();
+        Self {
+            name,
+            flag,
+            targets,
+            replicas: RwLock::new(Arc::new(Vec::new())),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The configured targets.
+    pub fn targets(&self) -> &[String] {
+        &self.targets
+    }
+
+    /// The addresses now in rotation.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.snapshot().iter().map(|r| r.addr).collect()
+    }
+
+    fn snapshot(&self) -> Arc<Vec<Arc<Replica>>> {
+        self.replicas
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Resolves every target again and updates the rotation: new addresses get a channel,
+    /// vanished ones are dropped, kept ones keep their channel. A target that fails to resolve
+    /// keeps its previous addresses (a DNS blip must not empty a pool).
+    pub async fn refresh(&self) {
+        if self.targets.is_empty() {
+            return;
+        }
+        let old = self.snapshot();
+        let mut addrs = BTreeSet::new();
+        for target in &self.targets {
+            match tokio::net::lookup_host(target.as_str()).await {
+                Ok(found) => addrs.extend(found),
+                Err(e) => {
+                    tracing::warn!(pool = self.name, %target, error = %e, "cannot resolve; keeping its previous addresses");
+                    if let Ok(port) = target.rsplit(':').next().unwrap_or_default().parse::<u16>() {
+                        addrs.extend(old.iter().map(|r| r.addr).filter(|a| a.port() == port));
+                    }
+                }
+            }
+        }
+        let unchanged = addrs.len() == old.len() && old.iter().all(|r| addrs.contains(&r.addr));
+        if unchanged {
+            return;
+        }
+        let replicas: Vec<Arc<Replica>> = addrs
+            .into_iter()
+            .map(|a| {
+                old.iter()
+                    .find(|r| r.addr == a)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Replica::new(a)))
+            })
+            .collect();
+        tracing::info!(pool = self.name, replicas = ?replicas.iter().map(|r| r.addr).collect::<Vec<_>>(), "pool membership changed");
+        match self.replicas.write() {
+            Ok(mut w) => *w = Arc::new(replicas),
+            Err(p) => *p.into_inner() = Arc::new(replicas),
+        }
+    }
+
+    /// Replicas in the order a call should try them: round robin, those that failed recently
+    /// last.
+    pub fn candidates(&self) -> Result<Vec<Arc<Replica>>, GatewayError> {
+        let all = self.snapshot();
+        if all.is_empty() {
+            return Err(GatewayError::NoReplicas {
+                pool: self.name,
+                reason: if self.targets.is_empty() {
+                    format!("none configured (set {})", self.flag)
+                } else {
+                    format!("{} resolved to no address", self.targets.join(","))
+                },
+            });
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % all.len();
+        let now = Instant::now();
+        let rotated = all.iter().cycle().skip(start).take(all.len()).cloned();
+        let (up, down): (Vec<_>, Vec<_>) = rotated.partition(|r| !r.is_down(now));
+        Ok(up.into_iter().chain(down).collect())
+    }
+
+    /// Runs `call` on one replica after another until one does not answer UNAVAILABLE. `call`
+    /// must not have sent anything to the gateway's caller before it returns (retrying after
+    /// that would repeat output).
+    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, GatewayError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let mut last: Option<Status> = None;
+        for replica in self.candidates()? {
+            match call(replica.channel()).await {
+                Ok(v) => {
+                    replica.mark_up();
+                    return Ok(v);
+                }
+                Err(status) if is_retryable(&status) => {
+                    tracing::warn!(pool = self.name, replica = %replica.addr, code = ?status.code(), "replica unavailable; trying the next one");
+                    replica.mark_down();
+                    last = Some(status);
+                }
+                Err(status) => {
+                    return Err(GatewayError::Upstream {
+                        pool: self.name,
+                        status,
+                    });
+                }
+            }
+        }
+        Err(GatewayError::Upstream {
+            pool: self.name,
+            status: last.unwrap_or_else(|| Status::unavailable("no replica answered")),
+        })
+    }
+}
+
+/// Re-resolves `pools` every `interval` until the task is dropped.
+pub async fn resolve_forever(pools: Vec<Arc<Pool>>, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        for p in &pools {
+            p.refresh().await;
+        }
+    }
+}
+
+/// Parses a duration: `500ms`, `30s`, `2m`, `1h`, or plain seconds (`1.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else if let Some(n) = s.strip_suffix('h') {
+        (n, 3600.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 30s, 2m)"))?;
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{s:?} is not a duration (e.g. 500ms, 30s, 2m)"));
+    }
+    Duration::try_from_secs_f64(v * mult).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn empty_pool_is_unavailable_with_the_flag() {
+        let p = Pool::new("text", "--text-pool / MEDGEMMA_TEXT_POOL", vec![" ".into()]);
+        p.refresh().await;
+        let e = p.candidates().unwrap_err();
+        let s: Status = e.into();
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(s.message().contains("--text-pool"), "{}", s.message());
+    }
+
+    #[tokio::test]
+    async fn round_robin_and_penalty() {
+        let p = Pool::new(
+            "text",
+            "--text-pool",
+            vec![
+                "127.0.0.1:1".into(),
+                "127.0.0.1:2".into(),
+                "localhost:3".into(),
+            ],
+        );
+        p.refresh().await;
+        assert!(p.addrs().len() >= 3, "{:?}", p.addrs());
+        let firsts: BTreeSet<SocketAddr> = (0..p.addrs().len())
+            .map(|_| p.candidates().unwrap()[0].addr())
+            .collect();
+        assert_eq!(firsts.len(), p.addrs().len(), "every replica leads once");
+        let c = p.candidates().unwrap();
+        c[0].mark_down();
+        for _ in 0..5 {
+            let order = p.candidates().unwrap();
+            assert_eq!(order.last().unwrap().addr(), c[0].addr());
+        }
+        // Refreshing with the same answer keeps the channels (and the penalty).
+        p.refresh().await;
+        assert_eq!(p.candidates().unwrap().last().unwrap().addr(), c[0].addr());
+    }
+
+    #[tokio::test]
+    async fn call_skips_unavailable_replicas_but_not_other_errors() {
+        let p = Pool::new(
+            "text",
+            "--text-pool",
+            vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+        );
+        p.refresh().await;
+        let mut tries = 0;
+        let r: Result<(), _> = p
+            .call(|_| {
+                tries += 1;
+                async { Err(Status::unavailable("down")) }
+            })
+            .await;
+        assert_eq!(tries, 2);
+        assert!(matches!(r, Err(GatewayError::Upstream { .. })));
+        let mut tries = 0;
+        let r: Result<(), _> = p
+            .call(|_| {
+                tries += 1;
+                async { Err(Status::resource_exhausted("full")) }
+            })
+            .await;
+        assert_eq!(tries, 1);
+        let s: Status = r.unwrap_err().into();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

@@ -1,0 +1,714 @@
+//! The four clinical tasks: prompt rendering through the tokenizer service, the vision service
+//! for images, generation on a pool, typed results.
+//!
+//! Every downstream call carries the caller's trace context and remaining deadline, and the
+//! gateway enforces the deadline itself. Streams are dropped (which cancels the generator's
+//! sequence) as soon as the caller goes away or the deadline passes.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use medgemma_proto::gateway::v1 as pb;
+use medgemma_proto::generation::v1 as gen_pb;
+use medgemma_proto::tokenizer::v1 as tok_pb;
+use medgemma_proto::vision::v1 as vis_pb;
+use medgemma_rpc::trace::TraceContext;
+use tokio::sync::{OnceCell, mpsc};
+use tokio::time::Instant;
+use tonic::{Code, Request};
+
+use crate::deadline::Deadline;
+use crate::error::GatewayError;
+use crate::pool::Pool;
+use crate::prompt::{self, OPTION_LETTERS};
+use crate::structured::{self, Report, Summary};
+use crate::validate::{AskTask, McqTask, ReportTask, Sampling, SummarizeTask};
+
+/// Where text deltas of a streaming task go.
+pub type Deltas = mpsc::Sender<String>;
+
+/// One incoming call's context, carried to every downstream call.
+#[derive(Debug, Clone, Copy)]
+pub struct CallCtx {
+    pub deadline: Deadline,
+    pub trace: TraceContext,
+}
+
+impl CallCtx {
+    /// A downstream request carrying the trace (this hop as parent) and the remaining deadline.
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        medgemma_rpc::trace::inject(&self.trace, req.metadata_mut());
+        self.deadline.apply(&mut req);
+        req
+    }
+
+    /// Runs `fut` unless the deadline passes first.
+    async fn bounded<T>(
+        &self,
+        stage: &'static str,
+        fut: impl Future<Output = Result<T, GatewayError>>,
+    ) -> Result<T, GatewayError> {
+        if self.deadline.expired() {
+            return Err(GatewayError::DeadlineExceeded { stage });
+        }
+        tokio::select! {
+            r = fut => r,
+            () = self.deadline.sleep() => Err(GatewayError::DeadlineExceeded { stage }),
+        }
+    }
+}
+
+/// The pools and settings the tasks run on.
+#[derive(Debug)]
+pub struct Tasks {
+    pub tokenizer: Arc<Pool>,
+    pub text: Arc<Pool>,
+    pub multimodal: Arc<Pool>,
+    pub vision: Arc<Pool>,
+    pub disclaimer: String,
+    /// The token ids of the option letters `A`..`J` (asked of the tokenizer once).
+    letter_ids: OnceCell<Vec<u32>>,
+}
+
+/// Token counts and timings summed over a task's model calls.
+#[derive(Debug, Default)]
+struct Acc {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    queue_ms: f64,
+    prefill_ms: f64,
+    decode_ms: f64,
+    vision_ms: f64,
+    model_id: String,
+}
+
+impl Acc {
+    fn add(&mut self, r: &gen_pb::GenerateResponse) {
+        if let Some(u) = &r.usage {
+            self.prompt_tokens += u.prompt_tokens;
+            self.completion_tokens += u.completion_tokens;
+        }
+        if let Some(t) = &r.timings {
+            self.queue_ms += t.queue_ms;
+            self.prefill_ms += t.prefill_ms;
+            self.decode_ms += t.decode_ms;
+        }
+        self.model_id.clone_from(&r.model_id);
+    }
+
+    fn usage(&self) -> pb::Usage {
+        pb::Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+        }
+    }
+
+    fn timings(&self, started: Instant) -> pb::Timings {
+        pb::Timings {
+            queue_ms: self.queue_ms,
+            prefill_ms: self.prefill_ms,
+            decode_ms: self.decode_ms,
+            vision_ms: self.vision_ms,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+        }
+    }
+}
+
+fn finish_reason(r: &gen_pb::GenerateResponse) -> pb::FinishReason {
+    match gen_pb::FinishReason::try_from(r.finish_reason) {
+        Ok(gen_pb::FinishReason::Stop) => pb::FinishReason::Stop,
+        Ok(gen_pb::FinishReason::Length) => pb::FinishReason::Length,
+        Ok(gen_pb::FinishReason::Cancelled) => pb::FinishReason::Cancelled,
+        Ok(gen_pb::FinishReason::Unspecified) | Err(_) => pb::FinishReason::Unspecified,
+    }
+}
+
+fn gen_sampling(s: &Sampling) -> gen_pb::SamplingParams {
+    gen_pb::SamplingParams {
+        temperature: Some(s.temperature),
+        top_p: s.top_p,
+        top_k: s.top_k,
+        max_new_tokens: Some(s.max_new_tokens),
+        seed: s.seed,
+        ..Default::default()
+    }
+}
+
+fn text_part(text: impl Into<String>) -> tok_pb::ContentPart {
+    tok_pb::ContentPart {
+        kind: Some(tok_pb::content_part::Kind::Text(text.into())),
+    }
+}
+
+fn image_part() -> tok_pb::ContentPart {
+    tok_pb::ContentPart {
+        kind: Some(tok_pb::content_part::Kind::Image(
+            tok_pb::ImagePlaceholder {},
+        )),
+    }
+}
+
+fn message(role: &str, parts: Vec<tok_pb::ContentPart>) -> tok_pb::ChatMessage {
+    tok_pb::ChatMessage {
+        role: role.to_owned(),
+        parts,
+    }
+}
+
+/// A system turn (when there is one) and a user turn.
+fn chat(system: Option<&str>, user: Vec<tok_pb::ContentPart>) -> Vec<tok_pb::ChatMessage> {
+    let mut m = Vec::with_capacity(2);
+    if let Some(s) = system {
+        m.push(message("system", vec![text_part(s)]));
+    }
+    m.push(message("user", user));
+    m
+}
+
+/// Softmax of log-probabilities, in f64; all `-inf` (or NaN) gives the uniform distribution.
+pub fn softmax(logprobs: &[f32]) -> Vec<f64> {
+    let max = logprobs
+        .iter()
+        .map(|&l| f64::from(l))
+        .filter(|l| l.is_finite())
+        .fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        let n = logprobs.len().max(1) as f64;
+        return vec![1.0 / n; logprobs.len()];
+    }
+    let exps: Vec<f64> = logprobs
+        .iter()
+        .map(|&l| {
+            let l = f64::from(l);
+            if l.is_finite() { (l - max).exp() } else { 0.0 }
+        })
+        .collect();
+    let sum: f64 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}
+
+/// Index of the largest value (the first of ties).
+fn argmax(v: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+impl Tasks {
+    /// Tasks over these pools.
+    pub fn new(
+        tokenizer: Arc<Pool>,
+        text: Arc<Pool>,
+        multimodal: Arc<Pool>,
+        vision: Arc<Pool>,
+        disclaimer: String,
+    ) -> Self {
+        Self {
+            tokenizer,
+            text,
+            multimodal,
+            vision,
+            disclaimer,
+            letter_ids: OnceCell::new(),
+        }
+    }
+
+    async fn render(
+        &self,
+        ctx: &CallCtx,
+        messages: Vec<tok_pb::ChatMessage>,
+    ) -> Result<String, GatewayError> {
+        let fut = self.tokenizer.call(|ch| {
+            let req = ctx.request(tok_pb::RenderChatRequest {
+                messages: messages.clone(),
+                add_generation_prompt: true,
+            });
+            async move {
+                let mut c =
+                    medgemma_rpc::with_limits!(tok_pb::tokenizer_client::TokenizerClient::new(ch));
+                c.render_chat(req).await.map(|r| r.into_inner().text)
+            }
+        });
+        ctx.bounded("rendering the prompt", fut).await
+    }
+
+    async fn encode(
+        &self,
+        ctx: &CallCtx,
+        text: String,
+        image_count: u32,
+        tokens_per_image: Option<u32>,
+    ) -> Result<Vec<u32>, GatewayError> {
+        let fut = self.tokenizer.call(|ch| {
+            let req = ctx.request(tok_pb::EncodeRequest {
+                text: text.clone(),
+                add_special_tokens: false,
+                image_count,
+                tokens_per_image,
+            });
+            async move {
+                let mut c =
+                    medgemma_rpc::with_limits!(tok_pb::tokenizer_client::TokenizerClient::new(ch));
+                c.encode(req).await.map(|r| r.into_inner().ids)
+            }
+        });
+        ctx.bounded("encoding the prompt", fut).await
+    }
+
+    /// The ids of the option letters, asked of the tokenizer once: the first id of each letter
+    /// encoded alone (Gemma's vocabulary has every capital letter as one token).
+    async fn letter_ids(&self, ctx: &CallCtx) -> Result<&[u32], GatewayError> {
+        let ids = self
+            .letter_ids
+            .get_or_try_init(|| async {
+                let mut ids = Vec::with_capacity(OPTION_LETTERS.len());
+                for letter in OPTION_LETTERS {
+                    let enc = self.encode(ctx, letter.to_owned(), 0, None).await?;
+                    let first = *enc
+                        .first()
+                        .ok_or_else(|| GatewayError::BadUpstreamResponse {
+                            pool: self.tokenizer.name(),
+                            reason: format!("option letter {letter} encodes to no token"),
+                        })?;
+                    if enc.len() > 1 {
+                        tracing::warn!(
+                            letter,
+                            tokens = enc.len(),
+                            "option letter is several tokens; using the first"
+                        );
+                    }
+                    if ids.contains(&first) {
+                        return Err(GatewayError::BadUpstreamResponse {
+                            pool: self.tokenizer.name(),
+                            reason: "two option letters share a token id".into(),
+                        });
+                    }
+                    ids.push(first);
+                }
+                Ok::<_, GatewayError>(ids)
+            })
+            .await?;
+        Ok(ids)
+    }
+
+    /// Generates on `pool`, streaming text deltas to `deltas` when given. `content_field` names
+    /// the request field a rejected prompt is blamed on (prompt over the context).
+    async fn generate(
+        &self,
+        pool: &Pool,
+        ctx: &CallCtx,
+        req: gen_pb::GenerateRequest,
+        deltas: Option<&Deltas>,
+        content_field: &'static str,
+    ) -> Result<gen_pb::GenerateResponse, GatewayError> {
+        let caller_gone = async {
+            match deltas {
+                Some(tx) => tx.closed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(caller_gone);
+        // Open the stream and wait for its first message: until then another replica may be
+        // tried (nothing has reached the caller).
+        let open = pool.call(|ch| {
+            let req = ctx.request(req.clone());
+            async move {
+                let mut c =
+                    medgemma_rpc::with_limits!(gen_pb::generator_client::GeneratorClient::new(ch));
+                let mut stream = c.generate_stream(req).await?.into_inner();
+                let first = stream.message().await?;
+                Ok((first, stream))
+            }
+        });
+        let (mut next, mut stream) = tokio::select! {
+            r = ctx.bounded("generating", open) => r.map_err(|e| blame_prompt(e, content_field))?,
+            () = &mut caller_gone => return Err(GatewayError::Cancelled),
+        };
+        loop {
+            let event = match next {
+                Some(m) => m.event,
+                None => {
+                    return Err(GatewayError::BadUpstreamResponse {
+                        pool: pool.name(),
+                        reason: "the generation stream ended without a final response".into(),
+                    });
+                }
+            };
+            match event {
+                Some(gen_pb::generate_stream_response::Event::Delta(d)) => {
+                    if let Some(tx) = deltas
+                        && !d.text.is_empty()
+                        && tx.send(d.text).await.is_err()
+                    {
+                        // The caller went away: dropping the stream cancels the sequence.
+                        return Err(GatewayError::Cancelled);
+                    }
+                }
+                Some(gen_pb::generate_stream_response::Event::Response(r)) => return Ok(r),
+                None => {}
+            }
+            next = tokio::select! {
+                m = stream.message() => m.map_err(|status| blame_prompt(GatewayError::Upstream { pool: pool.name(), status }, content_field))?,
+                () = ctx.deadline.sleep() => return Err(GatewayError::DeadlineExceeded { stage: "generating" }),
+                () = &mut caller_gone => return Err(GatewayError::Cancelled),
+            };
+        }
+    }
+
+    /// `Ask`.
+    pub async fn ask(
+        &self,
+        ctx: &CallCtx,
+        task: AskTask,
+        deltas: Option<&Deltas>,
+    ) -> Result<pb::AskResponse, GatewayError> {
+        let started = Instant::now();
+        let messages = chat(task.system.as_deref(), vec![text_part(task.question)]);
+        let rendered = self.render(ctx, messages).await?;
+        let ids = self.encode(ctx, rendered, 0, None).await?;
+        let r = self
+            .generate(
+                &self.text,
+                ctx,
+                gen_pb::GenerateRequest {
+                    prompt_ids: ids,
+                    sampling: Some(gen_sampling(&task.sampling)),
+                    ..Default::default()
+                },
+                deltas,
+                "question",
+            )
+            .await?;
+        let mut acc = Acc::default();
+        acc.add(&r);
+        Ok(pb::AskResponse {
+            answer: r.text.trim().to_owned(),
+            model_id: acc.model_id.clone(),
+            usage: Some(acc.usage()),
+            finish_reason: finish_reason(&r).into(),
+            timings: Some(acc.timings(started)),
+            disclaimer: self.disclaimer.clone(),
+        })
+    }
+
+    /// `SummarizeClinicalNote`.
+    pub async fn summarize(
+        &self,
+        ctx: &CallCtx,
+        task: SummarizeTask,
+        deltas: Option<&Deltas>,
+    ) -> Result<pb::SummarizeClinicalNoteResponse, GatewayError> {
+        let started = Instant::now();
+        let messages = chat(
+            Some(prompt::MEDICAL_SYSTEM_PROMPT),
+            vec![text_part(prompt::summarize(
+                &task.note,
+                &task.output_language,
+            ))],
+        );
+        let rendered = self.render(ctx, messages).await?;
+        let ids = self.encode(ctx, rendered, 0, None).await?;
+        let r = self
+            .generate(
+                &self.text,
+                ctx,
+                gen_pb::GenerateRequest {
+                    prompt_ids: ids,
+                    sampling: Some(gen_sampling(&task.sampling)),
+                    constraint: Some(gen_pb::Constraint {
+                        kind: Some(gen_pb::constraint::Kind::JsonSchema(
+                            structured::summary_schema().to_string(),
+                        )),
+                    }),
+                    ..Default::default()
+                },
+                deltas,
+                "note",
+            )
+            .await?;
+        let mut acc = Acc::default();
+        acc.add(&r);
+        let s: Summary = structured::parse_lenient(&r.text);
+        let h = prompt::summary_headings(&task.output_language);
+        let mut text = format!(
+            "{}: {}\n{}:\n",
+            h.chief_complaint, s.chief_complaint, h.diagnoses
+        );
+        for d in &s.diagnoses {
+            text.push_str(&format!("- {d}\n"));
+        }
+        text.push_str(&format!(
+            "{}: {}\n{}: {}",
+            h.treatment_plan, s.treatment_plan, h.follow_up, s.follow_up
+        ));
+        Ok(pb::SummarizeClinicalNoteResponse {
+            chief_complaint: s.chief_complaint,
+            diagnoses: s.diagnoses,
+            treatment_plan: s.treatment_plan,
+            follow_up: s.follow_up,
+            text,
+            output_language: task.output_language,
+            model_id: acc.model_id.clone(),
+            usage: Some(acc.usage()),
+            finish_reason: finish_reason(&r).into(),
+            timings: Some(acc.timings(started)),
+            disclaimer: self.disclaimer.clone(),
+        })
+    }
+
+    /// `AnswerMultipleChoice`: the option letters' logprobs at the answer position (one prefill,
+    /// greedy, one token), then the explanation with the chosen answer written into the model's
+    /// turn.
+    pub async fn multiple_choice(
+        &self,
+        ctx: &CallCtx,
+        task: McqTask,
+        deltas: Option<&Deltas>,
+    ) -> Result<pb::AnswerMultipleChoiceResponse, GatewayError> {
+        let started = Instant::now();
+        let n = task.options.len();
+        let letters = self.letter_ids(ctx).await?[..n].to_vec();
+        let messages = chat(
+            Some(prompt::MEDICAL_SYSTEM_PROMPT),
+            vec![text_part(prompt::multiple_choice(
+                &task.question,
+                &task.options,
+            ))],
+        );
+        let rendered = self.render(ctx, messages).await?;
+        let ids = self.encode(ctx, rendered.clone(), 0, None).await?;
+        let scored = self
+            .generate(
+                &self.text,
+                ctx,
+                gen_pb::GenerateRequest {
+                    prompt_ids: ids,
+                    sampling: Some(gen_pb::SamplingParams {
+                        temperature: Some(0.0),
+                        max_new_tokens: Some(1),
+                        ..Default::default()
+                    }),
+                    logprob_token_ids: letters.clone(),
+                    ..Default::default()
+                },
+                None,
+                "question",
+            )
+            .await?;
+        let mut lps = vec![f32::NEG_INFINITY; n];
+        if scored.first_token_logprobs.len() != n {
+            return Err(GatewayError::BadUpstreamResponse {
+                pool: self.text.name(),
+                reason: format!(
+                    "asked for {n} first-token logprobs, got {}",
+                    scored.first_token_logprobs.len()
+                ),
+            });
+        }
+        for (slot, (tl, want)) in lps
+            .iter_mut()
+            .zip(scored.first_token_logprobs.iter().zip(&letters))
+        {
+            if tl.token_id != *want {
+                return Err(GatewayError::BadUpstreamResponse {
+                    pool: self.text.name(),
+                    reason: "first-token logprobs came back for other token ids".into(),
+                });
+            }
+            *slot = tl.logprob;
+        }
+        let probabilities = softmax(&lps);
+        let chosen = argmax(&probabilities);
+        let letter = OPTION_LETTERS[chosen];
+        let answered = format!(
+            "{rendered}{}",
+            prompt::multiple_choice_answer_prefix(letter, &task.options[chosen])
+        );
+        let ids = self.encode(ctx, answered, 0, None).await?;
+        let r = self
+            .generate(
+                &self.text,
+                ctx,
+                gen_pb::GenerateRequest {
+                    prompt_ids: ids,
+                    sampling: Some(gen_sampling(&task.sampling)),
+                    ..Default::default()
+                },
+                deltas,
+                "question",
+            )
+            .await?;
+        let mut acc = Acc::default();
+        acc.add(&scored);
+        acc.add(&r);
+        Ok(pb::AnswerMultipleChoiceResponse {
+            chosen_index: chosen as u32,
+            chosen_letter: letter.to_owned(),
+            explanation: r.text.trim().to_owned(),
+            option_probabilities: probabilities,
+            model_id: acc.model_id.clone(),
+            usage: Some(acc.usage()),
+            finish_reason: finish_reason(&r).into(),
+            timings: Some(acc.timings(started)),
+            disclaimer: self.disclaimer.clone(),
+        })
+    }
+
+    /// `DraftRadiologyReport`: the vision pool encodes the image, the multimodal pool writes the
+    /// report with the embeddings in place of the image tokens.
+    pub async fn report(
+        &self,
+        ctx: &CallCtx,
+        task: ReportTask,
+        deltas: Option<&Deltas>,
+    ) -> Result<pb::DraftRadiologyReportResponse, GatewayError> {
+        let started = Instant::now();
+        let image = vis_pb::Image {
+            data: task.image,
+            mime_type: task.mime_type,
+            dicom_frame: None,
+        };
+        let t_vision = Instant::now();
+        let embed = self.vision.call(|ch| {
+            let req = ctx.request(vis_pb::EmbedRequest {
+                images: vec![image.clone()],
+            });
+            async move {
+                let mut c = medgemma_rpc::with_limits!(
+                    vis_pb::vision_encoder_client::VisionEncoderClient::new(ch)
+                );
+                c.embed(req).await.map(|r| r.into_inner())
+            }
+        });
+        let embedded = ctx
+            .bounded("encoding the image", embed)
+            .await
+            .map_err(blame_image)?;
+        let vision_ms = t_vision.elapsed().as_secs_f64() * 1e3;
+        drop(image);
+        let [emb]: [vis_pb::Embedding; 1] =
+            embedded.embeddings.try_into().map_err(|v: Vec<_>| {
+                GatewayError::BadUpstreamResponse {
+                    pool: self.vision.name(),
+                    reason: format!("asked for 1 embedding, got {}", v.len()),
+                }
+            })?;
+        let tokens_per_image = match emb.shape.as_slice() {
+            [rows, _hidden] if *rows > 0 => *rows,
+            other => {
+                return Err(GatewayError::BadUpstreamResponse {
+                    pool: self.vision.name(),
+                    reason: format!("embedding shape {other:?} is not [rows, hidden]"),
+                });
+            }
+        };
+        let messages = chat(
+            None,
+            vec![
+                image_part(),
+                text_part(prompt::radiology_report(&task.modality, &task.body_part)),
+            ],
+        );
+        let rendered = self.render(ctx, messages).await?;
+        let ids = self
+            .encode(ctx, rendered, 1, Some(tokens_per_image))
+            .await?;
+        let r = self
+            .generate(
+                &self.multimodal,
+                ctx,
+                gen_pb::GenerateRequest {
+                    prompt_ids: ids,
+                    image_embeddings: vec![gen_pb::ImageEmbedding {
+                        data: emb.data,
+                        dtype: emb.dtype,
+                        shape: emb.shape,
+                        sha256: emb.sha256,
+                    }],
+                    sampling: Some(gen_sampling(&task.sampling)),
+                    constraint: Some(gen_pb::Constraint {
+                        kind: Some(gen_pb::constraint::Kind::JsonSchema(
+                            structured::report_schema().to_string(),
+                        )),
+                    }),
+                    ..Default::default()
+                },
+                deltas,
+                "image",
+            )
+            .await?;
+        let mut acc = Acc {
+            vision_ms,
+            ..Acc::default()
+        };
+        acc.add(&r);
+        let rep: Report = structured::parse_lenient(&r.text);
+        Ok(pb::DraftRadiologyReportResponse {
+            technique: rep.technique,
+            findings: rep.findings,
+            impression: rep.impression,
+            requires_physician_review: true,
+            model_id: acc.model_id.clone(),
+            usage: Some(acc.usage()),
+            finish_reason: finish_reason(&r).into(),
+            timings: Some(acc.timings(started)),
+            disclaimer: self.disclaimer.clone(),
+        })
+    }
+}
+
+/// A generator's INVALID_ARGUMENT (prompt over the context, ...) is about the prompt the gateway
+/// built from `field`: blame that field.
+fn blame_prompt(e: GatewayError, field: &'static str) -> GatewayError {
+    match e {
+        GatewayError::Upstream { status, .. } if status.code() == Code::InvalidArgument => {
+            GatewayError::field(
+                field,
+                format!(
+                    "the model rejected the prompt made from it: {}",
+                    status.message()
+                ),
+            )
+        }
+        other => other,
+    }
+}
+
+/// The vision service's INVALID_ARGUMENT (not decodable, too large) is about `image.data`.
+fn blame_image(e: GatewayError) -> GatewayError {
+    match e {
+        GatewayError::Upstream { status, .. } if status.code() == Code::InvalidArgument => {
+            let why = medgemma_rpc::field_violations(&status)
+                .into_iter()
+                .next()
+                .map(|v| v.description)
+                .unwrap_or_else(|| status.message().to_owned());
+            GatewayError::field("image.data", why)
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let p = softmax(&[-1.0, -2.0, -0.5, f32::NEG_INFINITY]);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert_eq!(argmax(&p), 2);
+        assert_eq!(p[3], 0.0);
+        let u = softmax(&[f32::NEG_INFINITY, f32::NAN]);
+        assert_eq!(u, vec![0.5, 0.5]);
+        // Very negative logprobs do not underflow to 0/0.
+        let p = softmax(&[-1000.0, -1001.0]);
+        assert!((p[0] + p[1] - 1.0).abs() < 1e-12 && p[0] > p[1]);
+        assert_eq!(argmax(&[0.5, 0.5]), 0);
+    }
+}

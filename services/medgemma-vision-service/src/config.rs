@@ -1,0 +1,148 @@
+//! The command line of `medgemma-vision`; every flag also reads a `MEDGEMMA_*` variable.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use medgemma_vision::VisionEncoder;
+
+use crate::error::VisionServiceError;
+use crate::service::{EmbeddingDType, VisionService, VisionSettings};
+
+/// Flags of `medgemma-vision`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VisionArgs {
+    /// Address to listen on (`127.0.0.1:0` picks a free port).
+    #[arg(
+        long,
+        env = "MEDGEMMA_VISION_LISTEN",
+        default_value = "127.0.0.1:50052"
+    )]
+    pub listen: String,
+    /// A MedGemma 4B / Gemma 3 multimodal checkpoint directory (its vision tower and projector
+    /// are loaded). Without it the seeded random demo tower is used.
+    #[arg(long, env = "MEDGEMMA_VISION_MODEL")]
+    pub model: Option<PathBuf>,
+    /// The demo tower's output width: the hidden size of the decoder it feeds (640 for the
+    /// gemma-3-270m demo decoder).
+    #[arg(long, env = "MEDGEMMA_DEMO_TEXT_HIDDEN", default_value_t = 640)]
+    pub demo_text_hidden: usize,
+    /// Seed of the demo tower's random weights.
+    #[arg(long, env = "MEDGEMMA_DEMO_VISION_SEED", default_value_t = 0)]
+    pub demo_seed: u64,
+    /// The model id reported in responses (default: the checkpoint's directory name, or
+    /// `demo-siglip-random`).
+    #[arg(long, env = "MEDGEMMA_VISION_MODEL_ID")]
+    pub model_id: Option<String>,
+    /// f32 (CPU) or bf16 (GPU). f16 is refused for Gemma 3.
+    #[arg(long, env = "MEDGEMMA_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// cpu, or cuda / cuda:N (needs a build with the `cuda` feature).
+    #[arg(long, env = "MEDGEMMA_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// The element type of returned embeddings.
+    #[arg(
+        long,
+        env = "MEDGEMMA_EMBEDDING_DTYPE",
+        value_enum,
+        default_value = "f32"
+    )]
+    pub embedding_dtype: EmbeddingDType,
+    /// The largest image a request may carry, in bytes.
+    #[arg(long, env = "MEDGEMMA_MAX_IMAGE_BYTES", default_value_t = 20 << 20)]
+    pub max_image_bytes: usize,
+    /// The largest decoded image, in pixels (decompression-bomb guard).
+    #[arg(long, env = "MEDGEMMA_MAX_IMAGE_PIXELS", default_value_t = medgemma_vision::decode::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
+    /// The most images in one request.
+    #[arg(long, env = "MEDGEMMA_MAX_IMAGES_PER_REQUEST", default_value_t = 8)]
+    pub max_images: usize,
+    /// Requests that may wait for the encoder; one more gets RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "MEDGEMMA_QUEUE_CAPACITY", default_value_t = 16)]
+    pub queue_capacity: usize,
+    /// Seconds in-flight calls may run after SIGTERM before their connections are closed.
+    #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT_S", default_value_t = 10)]
+    pub drain_timeout_s: u64,
+}
+
+impl VisionArgs {
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), VisionServiceError> {
+        if self.max_image_bytes == 0 || self.max_image_bytes > medgemma_rpc::MAX_MESSAGE_BYTES / 2 {
+            return Err(VisionServiceError::Config(format!(
+                "--max-image-bytes must be in 1..={}",
+                medgemma_rpc::MAX_MESSAGE_BYTES / 2
+            )));
+        }
+        if self.max_images == 0 || self.queue_capacity == 0 || self.demo_text_hidden == 0 {
+            return Err(VisionServiceError::Config(
+                "--max-images, --queue-capacity and --demo-text-hidden must be at least 1".into(),
+            ));
+        }
+        self.dtype()?;
+        Ok(())
+    }
+
+    fn dtype(&self) -> Result<DType, VisionServiceError> {
+        match self.dtype.as_str() {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            other => Err(VisionServiceError::Config(format!(
+                "--dtype {other:?}: expected f32 or bf16 (f16 overflows in Gemma 3)"
+            ))),
+        }
+    }
+
+    fn device(&self) -> Result<Device, VisionServiceError> {
+        match self.device.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            s if s == "cuda" || s.starts_with("cuda:") => {
+                let ordinal = match s.strip_prefix("cuda:") {
+                    Some(n) => n.parse::<usize>().map_err(|_| {
+                        VisionServiceError::Config(format!("--device {s:?}: expected cuda:N"))
+                    })?,
+                    None => 0,
+                };
+                Device::new_cuda(ordinal).map_err(|e| {
+                    VisionServiceError::Config(format!(
+                        "--device {s}: this build has no CUDA support or no such GPU ({e})"
+                    ))
+                })
+            }
+            other => Err(VisionServiceError::Config(format!(
+                "--device {other:?}: expected cpu, cuda or cuda:N"
+            ))),
+        }
+    }
+
+    /// Loads the tower (blocking: run it off the async runtime) and starts the service.
+    pub fn load(&self) -> Result<VisionService, VisionServiceError> {
+        let dtype = self.dtype()?;
+        let device = self.device()?;
+        let (encoder, default_id) = match &self.model {
+            Some(dir) => {
+                let e = VisionEncoder::load(dir, &device, dtype).map_err(|e| {
+                    VisionServiceError::Config(format!("loading {}: {e}", dir.display()))
+                })?;
+                let id = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "vision".into());
+                (e, id)
+            }
+            None => (
+                VisionEncoder::demo(self.demo_text_hidden, self.demo_seed, &device, dtype)
+                    .map_err(|e| VisionServiceError::Config(format!("demo tower: {e}")))?,
+                "demo-siglip-random".to_owned(),
+            ),
+        };
+        let settings = VisionSettings {
+            model_id: self.model_id.clone().unwrap_or(default_id),
+            max_image_bytes: self.max_image_bytes,
+            max_pixels: self.max_pixels,
+            max_images: self.max_images,
+            queue_capacity: self.queue_capacity,
+            embedding_dtype: self.embedding_dtype,
+        };
+        VisionService::new(encoder, settings)
+    }
+}

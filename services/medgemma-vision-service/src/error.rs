@@ -1,0 +1,89 @@
+//! The vision service's one error type and its one mapping to `tonic::Status`.
+
+use medgemma_rpc::FieldViolation;
+use medgemma_vision::VisionError;
+use tonic::Status;
+
+/// What can fail while starting the service or encoding an image. Messages name fields,
+/// formats and limits, never pixel values or DICOM attribute values.
+#[derive(Debug, thiserror::Error)]
+pub enum VisionServiceError {
+    /// A flag is out of range, or the model cannot be loaded.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// Binding or serving failed.
+    #[error(transparent)]
+    Rpc(#[from] medgemma_rpc::RpcError),
+    /// The request is malformed.
+    #[error("invalid request ({} field violations)", .0.len())]
+    InvalidArgument(Vec<FieldViolation>),
+    /// An image could not be read: not decodable, over a limit, unsupported.
+    #[error("images[{index}]: {source}")]
+    BadImage {
+        /// Which image of the request.
+        index: usize,
+        /// Why.
+        source: VisionError,
+    },
+    /// The encoder failed on a valid image.
+    #[error("encoding images[{index}] failed: {source}")]
+    Encode {
+        /// Which image of the request.
+        index: usize,
+        /// Why.
+        source: VisionError,
+    },
+    /// The queue is full.
+    #[error("the vision encoder is busy: {capacity} requests already wait; retry later")]
+    Overloaded {
+        /// The queue's capacity.
+        capacity: usize,
+    },
+    /// The request's deadline passed before its images were encoded.
+    #[error("deadline exceeded before the images were encoded")]
+    DeadlineExceeded,
+    /// The encoder thread is gone (shutting down).
+    #[error("the vision encoder is not running")]
+    WorkerGone,
+}
+
+/// Whether a vision error is about the input (the caller's fault) rather than the encoder.
+pub fn is_input_error(e: &VisionError) -> bool {
+    match e {
+        VisionError::Empty
+        | VisionError::EncodedTooLarge { .. }
+        | VisionError::UnknownFormat
+        | VisionError::ZeroDimension { .. }
+        | VisionError::TooManyPixels { .. }
+        | VisionError::Corrupt { .. }
+        | VisionError::UnsupportedTransferSyntax { .. }
+        | VisionError::MissingPixelData
+        | VisionError::DicomAttribute { .. }
+        | VisionError::Unsupported { .. }
+        | VisionError::FrameOutOfRange { .. }
+        | VisionError::InvalidArgument(_) => true,
+        VisionError::Config(_) | VisionError::Checkpoint(_) | VisionError::Candle(_) => false,
+    }
+}
+
+impl From<VisionServiceError> for Status {
+    fn from(e: VisionServiceError) -> Self {
+        let message = e.to_string();
+        match e {
+            VisionServiceError::InvalidArgument(v) => medgemma_rpc::bad_request_violations(v),
+            VisionServiceError::BadImage { index, source } => {
+                let field = match source {
+                    VisionError::FrameOutOfRange { .. } => format!("images[{index}].dicom_frame"),
+                    _ => format!("images[{index}].data"),
+                };
+                medgemma_rpc::bad_request(field, source.to_string())
+            }
+            VisionServiceError::Overloaded { .. } => Status::resource_exhausted(message),
+            VisionServiceError::DeadlineExceeded => Status::deadline_exceeded(message),
+            VisionServiceError::WorkerGone => Status::unavailable(message),
+            VisionServiceError::Config(_)
+            | VisionServiceError::Rpc(_)
+            | VisionServiceError::Encode { .. } => Status::internal(message),
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The vision service (`medgemma.vision.v1.VisionEncoder`): image or DICOM bytes in, Gemma 3
+//! soft-token embeddings out (raw little-endian bytes with dtype and shape), with health,
+//! reflection and graceful drain from `medgemma-rpc`. The SigLIP tower and projector run on their
+//! own thread behind a bounded queue; a full queue answers RESOURCE_EXHAUSTED.
+//!
+//! The tower comes from a MedGemma 4B / Gemma 3 multimodal checkpoint (`--model`), or is the
+//! seeded random demo tower sized to a decoder's hidden width (`--demo-text-hidden`), which runs
+//! the whole image path but means nothing (said at start-up).
+//!
+//! In-process use (tests, `medgemma up`):
+//!
+//! ```ignore
+//! let service = VisionService::new(VisionEncoder::demo(640, 0, &Device::Cpu, DType::F32)?, settings)?;
+//! let running = medgemma_vision_service::serve(service, "127.0.0.1:0", shutdown, opts).await?;
+//! println!("vision listening on {}", running.local_addr); // warmed up, SERVING
+//! ```
+//!
+//! Image bytes and embeddings are never logged.
+
+mod config;
+mod error;
+mod service;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use medgemma_proto::vision::v1::vision_encoder_server::VisionEncoderServer;
+use medgemma_rpc::{Health, RpcError, RpcServer, ServeOptions};
+use tokio::task::JoinHandle;
+use tonic::server::NamedService;
+use tonic::service::Routes;
+
+pub use config::VisionArgs;
+pub use error::VisionServiceError;
+pub use service::{EmbeddingDType, VisionService, VisionSettings};
+
+/// The fully qualified service name.
+pub const SERVICE_NAME: &str = <VisionEncoderServer<VisionService> as NamedService>::NAME;
+
+/// A vision service serving on a bound address.
+#[derive(Debug)]
+pub struct RunningVision {
+    /// Where it listens.
+    pub local_addr: SocketAddr,
+    /// Its health.
+    pub health: Health,
+    /// The server task; it ends after the shutdown future completes and calls drained.
+    pub server: JoinHandle<Result<(), RpcError>>,
+}
+
+/// Binds `listen`, serves `service`, waits for the encoder's warm-up, then reports SERVING.
+pub async fn serve(
+    service: VisionService,
+    listen: &str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: ServeOptions,
+) -> Result<RunningVision, VisionServiceError> {
+    let server = RpcServer::bind_with(listen, &[SERVICE_NAME], options).await?;
+    let local_addr = server.local_addr();
+    let health = server.health();
+    let warm = service.clone();
+    let routes = Routes::new(service.into_server());
+    let server = tokio::spawn(server.serve(routes, shutdown));
+    warm.warmed().await?;
+    health.set_serving().await;
+    Ok(RunningVision {
+        local_addr,
+        health,
+        server,
+    })
+}
+
+/// From the command-line flags: load the tower (on a blocking thread) and serve it.
+pub async fn launch(
+    args: VisionArgs,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<RunningVision, VisionServiceError> {
+    args.validate()?;
+    let options = ServeOptions {
+        drain_timeout: std::time::Duration::from_secs(args.drain_timeout_s),
+        ..ServeOptions::default()
+    };
+    let listen = args.listen.clone();
+    let service = tokio::task::spawn_blocking(move || args.load())
+        .await
+        .map_err(|e| VisionServiceError::Config(format!("loading thread failed: {e}")))??;
+    if service.is_random() {
+        tracing::warn!(
+            "the vision tower is the seeded RANDOM demo tower: its embeddings describe nothing \
+             (pass --model with a MedGemma 4B checkpoint for real ones)"
+        );
+    }
+    serve(service, &listen, shutdown, options).await
+}

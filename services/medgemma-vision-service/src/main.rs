@@ -1,0 +1,29 @@
+//! `medgemma-vision`: serves a Gemma 3 vision tower over gRPC (`medgemma.vision.v1.VisionEncoder`).
+
+use clap::Parser;
+
+/// Encode medical images to MedGemma soft-token embeddings over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "medgemma-vision", version)]
+struct Cli {
+    #[command(flatten)]
+    args: medgemma_vision_service::VisionArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MEDGEMMA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    tracing::info!(config = ?cli.args, "starting vision service");
+    let running =
+        medgemma_vision_service::launch(cli.args, medgemma_rpc::shutdown_signal()).await?;
+    println!("vision listening on {}", running.local_addr);
+    running.server.await??;
+    Ok(())
+}
