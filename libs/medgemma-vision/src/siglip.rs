@@ -196,8 +196,8 @@ struct EncoderLayer {
     fc2: Linear,
 }
 
-/// Query rows per attention block on the CPU (a 512 x 4096 f32 score block is 8 MiB).
-const QUERY_BLOCK: usize = 512;
+/// Query rows per attention block on the CPU (a 256 x 4096 f32 score block is 4 MiB).
+const QUERY_BLOCK: usize = 256;
 
 /// Bytes of f32 attention scores computed at once (per head group) off the CPU fast path.
 const SCORE_BUDGET_BYTES: usize = 256 << 20;
@@ -379,8 +379,7 @@ impl SiglipTower {
             // copies): score blocks stay in cache and the allocator reuses them; the scale is
             // folded into our softmax.
             let qkv = qkv.contiguous()?;
-            let mut heads_out = Vec::with_capacity(heads);
-            for h in 0..heads {
+            let one_head = |h: usize| -> Result<Tensor> {
                 let qh = qkv.narrow(1, h * hd, hd)?;
                 let kt = qkv.narrow(1, hidden + h * hd, hd)?.t()?;
                 let vh = qkv.narrow(1, 2 * hidden + h * hd, hd)?;
@@ -392,8 +391,15 @@ impl SiglipTower {
                     blocks.push(cpu_ops::softmax_last_dim(s, scale)?.matmul(&vh)?);
                     r += b;
                 }
-                heads_out.push(Tensor::cat(&blocks, 0)?);
-            }
+                Ok(Tensor::cat(&blocks, 0)?)
+            };
+            // Heads run in parallel, one per core: each head's small matmuls then run on the
+            // thread that owns it instead of splitting every 256 x 4096 block across threads.
+            use rayon::prelude::*;
+            let heads_out = (0..heads)
+                .into_par_iter()
+                .map(one_head)
+                .collect::<Result<Vec<_>>>()?;
             return Ok(Tensor::cat(&heads_out, 1)?);
         }
         let split = |i: usize| -> Result<Tensor> {
