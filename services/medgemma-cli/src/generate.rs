@@ -101,40 +101,14 @@ pub struct GenerateArgs {
     pub json: bool,
 }
 
-pub fn device(spec: &str) -> anyhow::Result<candle_core::Device> {
-    match spec {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ord: usize = s
-                .strip_prefix("cuda:")
-                .map(str::parse)
-                .transpose()?
-                .unwrap_or(0);
-            candle_core::Device::new_cuda(ord)
-                .with_context(|| format!("device {s}: this build has no CUDA support or no such GPU (build with --features cuda)"))
-        }
-        other => bail!("unknown device {other:?} (expected cpu, cuda or cuda:N)"),
-    }
-}
-
-/// Loads the tokenizer the way `generate` and `bench` do.
-pub fn load_tokenizer(model: &Path, explicit: Option<&Path>) -> anyhow::Result<Tokenizer> {
-    if let Some(p) = explicit {
-        return Tokenizer::from_path(p)
-            .with_context(|| format!("loading tokenizer {}", p.display()));
-    }
-    if model.is_dir() {
-        return Tokenizer::from_path(model)
-            .with_context(|| format!("loading the tokenizer of {}", model.display()));
-    }
-    let mut f =
-        std::fs::File::open(model).with_context(|| format!("opening {}", model.display()))?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut f)
-        .map_err(|e| anyhow::anyhow!("{}: not a readable GGUF file: {e}", model.display()))?;
-    Tokenizer::from_gguf(&content).with_context(|| {
-        format!(
-            "building the tokenizer from {}'s GGUF vocabulary",
-            model.display()
+/// The tokenizer as the generator service finds it (explicit path, model directory, GGUF
+/// vocabulary), with the path in the error.
+fn load_tokenizer(model: &Path, explicit: Option<&Path>) -> anyhow::Result<Tokenizer> {
+    // The service error's message already holds its causes: keep it, not the chain again.
+    medgemma_generator::load_tokenizer(model, explicit).map_err(|e| {
+        anyhow::anyhow!(
+            "loading the tokenizer of {}: {e}",
+            explicit.unwrap_or(model).display()
         )
     })
 }
@@ -164,7 +138,7 @@ pub fn load_options(
     };
     Ok(LoadOptions {
         dtype,
-        device: device(device_spec)?,
+        device: medgemma_generator::device(device_spec)?,
         quantize,
         dequantize,
         cache_dir: Some(
