@@ -335,6 +335,18 @@ fn read_json(path: &Path) -> Result<Value> {
 }
 
 impl ModelConfig {
+    /// The configuration of whatever `--model` names: a Hugging Face checkpoint directory, or a
+    /// `.gguf` file (only its header is read).
+    pub fn from_path(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            return Self::from_hf_dir(path);
+        }
+        let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| ModelError::checkpoint(path, format!("not a readable GGUF file: {e}")))?;
+        Self::from_gguf(&content.metadata, path)
+    }
+
     /// Reads `config.json` (and `generation_config.json` beside it, for eos ids) from a
     /// Hugging Face checkpoint directory.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {

@@ -199,6 +199,19 @@ impl Tokenizer {
         })
     }
 
+    /// [`from_gguf`](Self::from_gguf) on the header of the GGUF file at `path`.
+    pub fn from_gguf_file(path: &Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path).map_err(|source| TokenizerError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let content = Content::read(&mut file).map_err(|e| TokenizerError::InvalidFile {
+            path: path.to_owned(),
+            reason: format!("not a readable GGUF file: {e}"),
+        })?;
+        Self::from_gguf(&content)
+    }
+
     /// Builds the tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata.
     ///
     /// For Gemma 3 this gives the same ids as the model's `tokenizer.json`: see the `gguf`

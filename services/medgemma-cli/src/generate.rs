@@ -332,21 +332,9 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
 fn load_vision(a: &GenerateArgs, opts: &LoadOptions) -> anyhow::Result<VisionEncoder> {
     let dtype = opts.dtype.to_candle()?;
     if a.demo_vision {
-        let hidden = if a.model.is_dir() {
-            medgemma_model::ModelConfig::from_hf_dir(&a.model)?
-                .text
-                .hidden_size
-        } else {
-            let mut f = std::fs::File::open(&a.model)
-                .with_context(|| format!("opening {}", a.model.display()))?;
-            let content =
-                candle_core::quantized::gguf_file::Content::read(&mut f).map_err(|e| {
-                    anyhow::anyhow!("{}: not a readable GGUF file: {e}", a.model.display())
-                })?;
-            medgemma_model::ModelConfig::from_gguf(&content.metadata, &a.model)?
-                .text
-                .hidden_size
-        };
+        let hidden = medgemma_model::ModelConfig::from_path(&a.model)?
+            .text
+            .hidden_size;
         eprintln!(
             "--demo-vision: a seeded RANDOM SigLIP tower encodes the images; the model cannot see them"
         );

@@ -196,17 +196,5 @@ pub fn load_tokenizer(model: &Path, explicit: Option<&Path>) -> Result<Tokenizer
     if model.is_dir() {
         return Tokenizer::from_path(model).map_err(GeneratorError::Tokenizer);
     }
-    let mut file = std::fs::File::open(model).map_err(|source| {
-        GeneratorError::Load(medgemma_model::ModelError::Io {
-            path: model.to_owned(),
-            source,
-        })
-    })?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {
-        GeneratorError::Load(medgemma_model::ModelError::Checkpoint {
-            path: model.to_owned(),
-            message: format!("not a readable GGUF file: {e}"),
-        })
-    })?;
-    Tokenizer::from_gguf(&content).map_err(GeneratorError::Tokenizer)
+    Tokenizer::from_gguf_file(model).map_err(GeneratorError::Tokenizer)
 }

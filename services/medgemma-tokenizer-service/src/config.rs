@@ -49,19 +49,7 @@ impl TokenizerArgs {
         }
         let tokenizer = match (&self.tokenizer, &self.model) {
             (Some(path), _) => Tokenizer::from_path(path)?,
-            (None, Some(model)) => {
-                let mut file = std::fs::File::open(model).map_err(|e| {
-                    TokenizerServiceError::Config(format!("cannot open {}: {e}", model.display()))
-                })?;
-                let content =
-                    candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {
-                        TokenizerServiceError::Config(format!(
-                            "{}: not a readable GGUF file: {e}",
-                            model.display()
-                        ))
-                    })?;
-                Tokenizer::from_gguf(&content)?
-            }
+            (None, Some(model)) => Tokenizer::from_gguf_file(model)?,
             (None, None) => Tokenizer::from_path(medgemma_assets::demo_paths().tokenizer_dir)?,
         };
         let template = match tokenizer.chat_template() {
