@@ -296,6 +296,11 @@ impl VisionEncoder {
         &self.device
     }
 
+    /// Bytes held by the tower's and projector's weights.
+    pub fn weight_bytes(&self) -> usize {
+        self.tower.weight_bytes() + self.projector.weight_bytes()
+    }
+
     /// The tower's last hidden state for `pixel_values` `[b, 3, size, size]`.
     pub fn tower_output(&self, pixel_values: &Tensor) -> Result<Tensor> {
         self.tower.forward(&pixel_values.to_device(&self.device)?)

@@ -224,6 +224,10 @@ impl std::fmt::Debug for SiglipTower {
     }
 }
 
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
 fn expect_shape(t: &Tensor, want: &[usize], name: &str) -> Result<()> {
     if t.dims() != want {
         return Err(VisionError::Config(format!(
@@ -324,6 +328,26 @@ impl SiglipTower {
 
     pub fn config(&self) -> &SiglipConfig {
         &self.cfg
+    }
+
+    /// Bytes held by the tower's weights.
+    pub fn weight_bytes(&self) -> usize {
+        let mut ts: Vec<&Tensor> = vec![
+            &self.patch_wt,
+            &self.patch_b,
+            &self.pos,
+            &self.post_ln.w,
+            &self.post_ln.b,
+        ];
+        for l in &self.layers {
+            for lin in [&l.qkv, &l.out, &l.fc1, &l.fc2] {
+                ts.extend([&lin.wt, &lin.b]);
+            }
+            for ln in [&l.ln1, &l.ln2] {
+                ts.extend([&ln.w, &ln.b]);
+            }
+        }
+        ts.iter().map(|t| tensor_bytes(t)).sum()
     }
 
     /// `pixel_values` `[b, 3, size, size]` -> last hidden state `[b, patches, hidden]`.
@@ -493,6 +517,11 @@ impl Projector {
             kernel,
             dtype,
         })
+    }
+
+    /// Bytes held by the projector's weights.
+    pub fn weight_bytes(&self) -> usize {
+        tensor_bytes(&self.norm) + tensor_bytes(&self.proj)
     }
 
     /// `[b, patches, vision_hidden]` -> `[b, mm_tokens_per_image, text_hidden]`.

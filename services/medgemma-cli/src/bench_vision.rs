@@ -139,17 +139,7 @@ pub fn run(a: BenchVisionArgs) -> anyhow::Result<()> {
     let cpu_per_image = (cpu_seconds() - c0) / a.images as f64;
     let peak = status_kib("VmHWM") * 1024;
     let ours = a.images as f64 / secs;
-    let weight_bytes: f64 = {
-        let v = &enc.config().vision;
-        let (h, m, l) = (
-            v.hidden_size as f64,
-            v.intermediate_size as f64,
-            v.num_hidden_layers as f64,
-        );
-        let per_layer = 4.0 * h * h + 2.0 * h * m + 9.0 * h + m;
-        let emb = h * 3.0 * (v.patch_size * v.patch_size) as f64 + h + v.num_patches() as f64 * h;
-        (l * per_layer + emb + 2.0 * h + h * enc.config().text_hidden_size as f64 + h) * 4.0
-    };
+    let weight_bytes = enc.weight_bytes() as f64;
 
     println!(
         "| engine | images/s | s/image | CPU s/image | weights | RSS after load | peak RSS in forward |"
