@@ -105,36 +105,6 @@ fn add_generic(dst: &mut [f32], b: &[f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod x86 {
-    #![allow(unsafe_code)]
-
-    #[target_feature(enable = "avx512f,fma")]
-    pub fn softmax_avx512(row: &mut [f32], scale: f32) {
-        super::softmax_row_generic(row, scale)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub fn softmax_avx2(row: &mut [f32], scale: f32) {
-        super::softmax_row_generic(row, scale)
-    }
-    #[target_feature(enable = "avx512f,fma")]
-    pub fn bias_act_avx512(row: &mut [f32], bias: &[f32], gelu: bool) {
-        super::bias_act_row_generic(row, bias, gelu)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub fn bias_act_avx2(row: &mut [f32], bias: &[f32], gelu: bool) {
-        super::bias_act_row_generic(row, bias, gelu)
-    }
-    #[target_feature(enable = "avx512f,fma")]
-    pub fn add_avx512(dst: &mut [f32], b: &[f32]) {
-        super::add_generic(dst, b)
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub fn add_avx2(dst: &mut [f32], b: &[f32]) {
-        super::add_generic(dst, b)
-    }
-}
-
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Isa {
     Avx512,
@@ -162,44 +132,38 @@ fn isa() -> Isa {
     Isa::Generic
 }
 
-#[allow(unsafe_code)]
-fn softmax_row(row: &mut [f32], scale: f32) {
-    match isa() {
-        // SAFETY: the CPU was checked for these features by `isa()`.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::softmax_avx512(row, scale) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::softmax_avx2(row, scale) },
-        _ => softmax_row_generic(row, scale),
-    }
+/// `fn $name(args)`: runs `$generic(args)` compiled for AVX-512 or AVX2 when the CPU has it
+/// (`isa()`), else the portable build of the same code.
+macro_rules! dispatch {
+    ($name:ident => $generic:ident ($($arg:ident: $ty:ty),*)) => {
+        #[allow(unsafe_code)]
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,fma")]
+                fn avx512($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    $generic($($arg),*)
+                }
+                match isa() {
+                    // SAFETY: `isa()` checked the CPU for these features.
+                    Isa::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    Isa::Avx2 => return unsafe { avx2($($arg),*) },
+                    Isa::Generic => {}
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
 }
 
-#[allow(unsafe_code)]
-fn bias_act_row(row: &mut [f32], bias: &[f32], gelu: bool) {
-    match isa() {
-        // SAFETY: the CPU was checked for these features by `isa()`.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::bias_act_avx512(row, bias, gelu) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::bias_act_avx2(row, bias, gelu) },
-        _ => bias_act_row_generic(row, bias, gelu),
-    }
-}
-
-#[allow(unsafe_code)]
-fn add_slice(dst: &mut [f32], b: &[f32]) {
-    match isa() {
-        // SAFETY: the CPU was checked for these features by `isa()`.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { x86::add_avx512(dst, b) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as above.
-        Isa::Avx2 => unsafe { x86::add_avx2(dst, b) },
-        _ => add_generic(dst, b),
-    }
-}
+dispatch!(softmax_row => softmax_row_generic(row: &mut [f32], scale: f32));
+dispatch!(bias_act_row => bias_act_row_generic(row: &mut [f32], bias: &[f32], gelu: bool));
+dispatch!(add_slice => add_generic(dst: &mut [f32], b: &[f32]));
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
