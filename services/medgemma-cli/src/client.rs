@@ -209,43 +209,69 @@ fn finish_name(f: i32) -> &'static str {
     }
 }
 
-fn meta_json(
-    model_id: &str,
-    usage: Option<&pb::Usage>,
-    finish: i32,
-    timings: Option<&pb::Timings>,
-    disclaimer: &str,
-) -> Value {
-    let u = usage.copied().unwrap_or_default();
-    let t = timings.copied().unwrap_or_default();
+/// The fields every task response carries (flat in each response message).
+trait Meta {
+    fn model_id(&self) -> &str;
+    fn usage(&self) -> pb::Usage;
+    fn finish_reason(&self) -> i32;
+    fn timings(&self) -> pb::Timings;
+    fn disclaimer(&self) -> &str;
+}
+
+macro_rules! impl_meta {
+    ($($t:ty),*) => {$(
+        impl Meta for $t {
+            fn model_id(&self) -> &str {
+                &self.model_id
+            }
+            fn usage(&self) -> pb::Usage {
+                self.usage.unwrap_or_default()
+            }
+            fn finish_reason(&self) -> i32 {
+                self.finish_reason
+            }
+            fn timings(&self) -> pb::Timings {
+                self.timings.unwrap_or_default()
+            }
+            fn disclaimer(&self) -> &str {
+                &self.disclaimer
+            }
+        }
+    )*};
+}
+
+impl_meta!(
+    pb::AskResponse,
+    pb::SummarizeClinicalNoteResponse,
+    pb::AnswerMultipleChoiceResponse,
+    pb::DraftRadiologyReportResponse
+);
+
+fn meta_json(r: &impl Meta) -> Value {
+    let (u, t) = (r.usage(), r.timings());
     json!({
-        "model_id": model_id,
+        "model_id": r.model_id(),
         "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens},
-        "finish_reason": finish_name(finish),
+        "finish_reason": finish_name(r.finish_reason()),
         "timings": {
             "queue_ms": t.queue_ms, "prefill_ms": t.prefill_ms, "decode_ms": t.decode_ms,
             "vision_ms": t.vision_ms, "total_ms": t.total_ms,
         },
-        "disclaimer": disclaimer,
+        "disclaimer": r.disclaimer(),
     })
 }
 
-fn meta_line(
-    model_id: &str,
-    usage: Option<&pb::Usage>,
-    finish: i32,
-    timings: Option<&pb::Timings>,
-    disclaimer: &str,
-) -> String {
-    let u = usage.copied().unwrap_or_default();
-    let t = timings.copied().unwrap_or_default();
+fn meta_line(r: &impl Meta) -> String {
+    let (u, t) = (r.usage(), r.timings());
     format!(
-        "[model {model_id} | {} prompt + {} completion tokens | finish: {} | {:.0} ms]\n\
-         Disclaimer: {disclaimer}",
+        "[model {} | {} prompt + {} completion tokens | finish: {} | {:.0} ms]\n\
+         Disclaimer: {}",
+        r.model_id(),
         u.prompt_tokens,
         u.completion_tokens,
-        finish_name(finish),
-        t.total_ms
+        finish_name(r.finish_reason()),
+        t.total_ms,
+        r.disclaimer()
     )
 }
 
@@ -258,31 +284,12 @@ fn merge(mut a: Value, b: Value) -> Value {
 
 /// `Ask` as JSON.
 pub fn ask_json(r: &pb::AskResponse) -> Value {
-    merge(
-        json!({"answer": r.answer}),
-        meta_json(
-            &r.model_id,
-            r.usage.as_ref(),
-            r.finish_reason,
-            r.timings.as_ref(),
-            &r.disclaimer,
-        ),
-    )
+    merge(json!({"answer": r.answer}), meta_json(r))
 }
 
 /// `Ask` for people.
 pub fn ask_text(r: &pb::AskResponse) -> String {
-    format!(
-        "Answer: {}\n{}",
-        r.answer,
-        meta_line(
-            &r.model_id,
-            r.usage.as_ref(),
-            r.finish_reason,
-            r.timings.as_ref(),
-            &r.disclaimer
-        )
-    )
+    format!("Answer: {}\n{}", r.answer, meta_line(r))
 }
 
 /// `SummarizeClinicalNote` as JSON.
@@ -296,13 +303,7 @@ pub fn summary_json(r: &pb::SummarizeClinicalNoteResponse) -> Value {
             "text": r.text,
             "output_language": r.output_language,
         }),
-        meta_json(
-            &r.model_id,
-            r.usage.as_ref(),
-            r.finish_reason,
-            r.timings.as_ref(),
-            &r.disclaimer,
-        ),
+        meta_json(r),
     )
 }
 
@@ -315,13 +316,7 @@ pub fn summary_text(r: &pb::SummarizeClinicalNoteResponse) -> String {
         r.diagnoses,
         r.treatment_plan,
         r.follow_up,
-        meta_line(
-            &r.model_id,
-            r.usage.as_ref(),
-            r.finish_reason,
-            r.timings.as_ref(),
-            &r.disclaimer
-        )
+        meta_line(r)
     )
 }
 
@@ -334,13 +329,7 @@ pub fn mcq_json(r: &pb::AnswerMultipleChoiceResponse) -> Value {
             "explanation": r.explanation,
             "option_probabilities": r.option_probabilities,
         }),
-        meta_json(
-            &r.model_id,
-            r.usage.as_ref(),
-            r.finish_reason,
-            r.timings.as_ref(),
-            &r.disclaimer,
-        ),
+        meta_json(r),
     )
 }
 
@@ -361,13 +350,7 @@ pub fn mcq_text(r: &pb::AnswerMultipleChoiceResponse, options: &[String]) -> Str
         r.chosen_letter,
         probs.join(", "),
         r.explanation,
-        meta_line(
-            &r.model_id,
-            r.usage.as_ref(),
-            r.finish_reason,
-            r.timings.as_ref(),
-            &r.disclaimer
-        )
+        meta_line(r)
     )
 }
 
@@ -380,13 +363,7 @@ pub fn report_json(r: &pb::DraftRadiologyReportResponse) -> Value {
             "impression": r.impression,
             "requires_physician_review": r.requires_physician_review,
         }),
-        meta_json(
-            &r.model_id,
-            r.usage.as_ref(),
-            r.finish_reason,
-            r.timings.as_ref(),
-            &r.disclaimer,
-        ),
+        meta_json(r),
     )
 }
 
@@ -400,13 +377,7 @@ pub fn report_text(r: &pb::DraftRadiologyReportResponse) -> String {
         r.impression,
         r.requires_physician_review,
         t.vision_ms,
-        meta_line(
-            &r.model_id,
-            r.usage.as_ref(),
-            r.finish_reason,
-            r.timings.as_ref(),
-            &r.disclaimer
-        )
+        meta_line(r)
     )
 }
 
