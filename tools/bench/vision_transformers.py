@@ -132,8 +132,11 @@ def main() -> None:
     rss_loaded = rss_kib("VmRSS")
     reset_peak_rss()
     t0, c0 = time.perf_counter(), time.process_time()
+    per_image = []
     for _ in range(args.images):
+        t = time.perf_counter()
         run(pixels)
+        per_image.append(time.perf_counter() - t)
     dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     weight_bytes = sum(p.numel() * p.element_size() for p in list(tower.parameters()) + list(proj.parameters()))
     print(json.dumps({
@@ -142,6 +145,7 @@ def main() -> None:
         "images": args.images,
         "seconds": dt,
         "images_per_s": args.images / dt,
+        "image_seconds": per_image,
         "cpu_seconds_per_image": cpu / args.images,
         "weight_bytes": weight_bytes,
         "rss_after_load_bytes": rss_loaded * 1024,

@@ -165,7 +165,11 @@ dispatch!(softmax_row => softmax_row_generic(row: &mut [f32], scale: f32));
 dispatch!(bias_act_row => bias_act_row_generic(row: &mut [f32], bias: &[f32], gelu: bool));
 dispatch!(add_slice => add_generic(dst: &mut [f32], b: &[f32]));
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{what}: f32 only")
     };

@@ -12,8 +12,8 @@
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use crate::cpu_ops;
 use crate::error::{Result, VisionError};
+use crate::{attention, cpu_ops};
 
 /// `vision_config` of a Gemma 3 checkpoint (SigLIP), with transformers' defaults.
 #[derive(Debug, Clone, PartialEq)]
@@ -393,69 +393,79 @@ impl SiglipTower {
 
     /// Bidirectional attention over one image's patches; `qkv` is `[n, 3 * hidden]`.
     fn attention(&self, qkv: &Tensor) -> Result<Tensor> {
-        let n = qkv.dim(0)?;
         let heads = self.cfg.num_attention_heads;
         let hd = self.cfg.head_dim();
-        let hidden = self.cfg.hidden_size;
         let scale = (hd as f64).powf(-0.5);
-        if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
-            // Per head, blocks of query rows, straight from strided views of `qkv` (no
-            // copies): score blocks stay in cache and the allocator reuses them; the scale is
-            // folded into our softmax.
-            let qkv = qkv.contiguous()?;
-            let one_head = |h: usize| -> Result<Tensor> {
-                let qh = qkv.narrow(1, h * hd, hd)?;
-                let kt = qkv.narrow(1, hidden + h * hd, hd)?.t()?;
-                let vh = qkv.narrow(1, 2 * hidden + h * hd, hd)?;
-                let mut blocks = Vec::with_capacity(n.div_ceil(QUERY_BLOCK));
-                let mut r = 0;
-                while r < n {
-                    let b = QUERY_BLOCK.min(n - r);
-                    let s = qh.narrow(0, r, b)?.matmul(&kt)?;
-                    blocks.push(cpu_ops::softmax_last_dim(s, scale)?.matmul(&vh)?);
-                    r += b;
-                }
-                Ok(Tensor::cat(&blocks, 0)?)
-            };
-            // Heads run in parallel, one per core: each head's small matmuls then run on the
-            // thread that owns it instead of splitting every 256 x 4096 block across threads.
-            use rayon::prelude::*;
-            let heads_out = (0..heads)
-                .into_par_iter()
-                .map(one_head)
-                .collect::<Result<Vec<_>>>()?;
-            return Ok(Tensor::cat(&heads_out, 1)?);
+        if let Some(o) = attention::try_fused(qkv, heads, hd, scale as f32)? {
+            return Ok(o);
         }
-        let split = |i: usize| -> Result<Tensor> {
-            Ok(qkv
-                .narrow(1, i * hidden, hidden)?
-                .reshape((n, heads, hd))?
-                .transpose(0, 1)?
-                .contiguous()?)
-        };
-        let q = (split(0)? * scale)?;
-        let k = split(1)?;
-        let v = split(2)?;
-        let group = (SCORE_BUDGET_BYTES / (n * n * 4).max(1)).clamp(1, heads);
-        let mut outs = Vec::with_capacity(heads.div_ceil(group));
-        let mut h0 = 0;
-        while h0 < heads {
-            let g = group.min(heads - h0);
-            let qg = q.narrow(0, h0, g)?;
-            let kg = k.narrow(0, h0, g)?;
-            let vg = v.narrow(0, h0, g)?;
-            let scores = qg.matmul(&kg.t()?)?.to_dtype(DType::F32)?;
-            let probs = cpu_ops::softmax_last_dim(scores, 1.0)?.to_dtype(self.dtype)?;
-            outs.push(probs.matmul(&vg)?);
-            h0 += g;
-        }
-        let o = if outs.len() == 1 {
-            outs.pop().expect("one group")
-        } else {
-            Tensor::cat(&outs, 0)?
-        };
-        Ok(o.transpose(0, 1)?.contiguous()?.reshape((n, hidden))?)
+        attention_unfused(qkv, heads, hd, self.dtype)
     }
+}
+
+/// Attention without the fused kernel (no AVX-512F, bf16, CUDA): score blocks through
+/// matmuls, with our softmax in between.
+fn attention_unfused(qkv: &Tensor, heads: usize, hd: usize, dtype: DType) -> Result<Tensor> {
+    let n = qkv.dim(0)?;
+    let hidden = heads * hd;
+    let scale = (hd as f64).powf(-0.5);
+    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+        // Per head, blocks of query rows, straight from strided views of `qkv` (no
+        // copies): score blocks stay in cache and the allocator reuses them; the scale is
+        // folded into our softmax.
+        let qkv = qkv.contiguous()?;
+        let one_head = |h: usize| -> Result<Tensor> {
+            let qh = qkv.narrow(1, h * hd, hd)?;
+            let kt = qkv.narrow(1, hidden + h * hd, hd)?.t()?;
+            let vh = qkv.narrow(1, 2 * hidden + h * hd, hd)?;
+            let mut blocks = Vec::with_capacity(n.div_ceil(QUERY_BLOCK));
+            let mut r = 0;
+            while r < n {
+                let b = QUERY_BLOCK.min(n - r);
+                let s = qh.narrow(0, r, b)?.matmul(&kt)?;
+                blocks.push(cpu_ops::softmax_last_dim(s, scale)?.matmul(&vh)?);
+                r += b;
+            }
+            Ok(Tensor::cat(&blocks, 0)?)
+        };
+        // Heads run in parallel, one per core: each head's small matmuls then run on the
+        // thread that owns it instead of splitting every 256 x 4096 block across threads.
+        use rayon::prelude::*;
+        let heads_out = (0..heads)
+            .into_par_iter()
+            .map(one_head)
+            .collect::<Result<Vec<_>>>()?;
+        return Ok(Tensor::cat(&heads_out, 1)?);
+    }
+    let split = |i: usize| -> Result<Tensor> {
+        Ok(qkv
+            .narrow(1, i * hidden, hidden)?
+            .reshape((n, heads, hd))?
+            .transpose(0, 1)?
+            .contiguous()?)
+    };
+    let q = (split(0)? * scale)?;
+    let k = split(1)?;
+    let v = split(2)?;
+    let group = (SCORE_BUDGET_BYTES / (n * n * 4).max(1)).clamp(1, heads);
+    let mut outs = Vec::with_capacity(heads.div_ceil(group));
+    let mut h0 = 0;
+    while h0 < heads {
+        let g = group.min(heads - h0);
+        let qg = q.narrow(0, h0, g)?;
+        let kg = k.narrow(0, h0, g)?;
+        let vg = v.narrow(0, h0, g)?;
+        let scores = qg.matmul(&kg.t()?)?.to_dtype(DType::F32)?;
+        let probs = cpu_ops::softmax_last_dim(scores, 1.0)?.to_dtype(dtype)?;
+        outs.push(probs.matmul(&vg)?);
+        h0 += g;
+    }
+    let o = if outs.len() == 1 {
+        outs.pop().expect("one group")
+    } else {
+        Tensor::cat(&outs, 0)?
+    };
+    Ok(o.transpose(0, 1)?.contiguous()?.reshape((n, hidden))?)
 }
 
 /// `Gemma3MultiModalProjector`: pool, soft-embedding RMSNorm, projection to the text width.
@@ -565,4 +575,40 @@ pub(crate) fn random_tensor(
         })
         .collect();
     Ok(Tensor::from_vec(data, shape, device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused kernel (where this CPU runs it) and the matmul path agree, on a shape off
+    /// every tile size; the tower tests then pin whichever path runs to transformers.
+    #[test]
+    fn fused_and_unfused_attention_agree() {
+        let (n, heads, hd) = (301, 3, 24);
+        let qkv = Tensor::randn(0f32, 1.0, (n, 3 * heads * hd), &Device::Cpu).unwrap();
+        let unfused = attention_unfused(&qkv, heads, hd, DType::F32).unwrap();
+        let scale = (hd as f32).powf(-0.5);
+        let fused = match attention::try_fused(&qkv, heads, hd, scale).unwrap() {
+            Some(t) => t,
+            None => {
+                eprintln!("no AVX-512F: comparing against the portable fused build");
+                let src: Vec<f32> = qkv.flatten_all().unwrap().to_vec1().unwrap();
+                let mut out = vec![0f32; n * heads * hd];
+                attention::attention(&src, n, heads, hd, scale, &mut out, true);
+                Tensor::from_vec(out, (n, heads * hd), &Device::Cpu).unwrap()
+            }
+        };
+        let diff: f32 = (fused - unfused)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-5, "max |fused - unfused| = {diff}");
+    }
 }

@@ -13,6 +13,11 @@ mod up;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc keeps freed pages for reuse: the vision tower's per-layer activations (up to
+/// 70 MB each) would otherwise be fresh `mmap`s that the kernel zero-fills on every layer.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "medgemma",
