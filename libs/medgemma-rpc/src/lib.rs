@@ -26,7 +26,10 @@ pub mod trace;
 pub use error::RpcError;
 pub use layer::{RpcLayer, RpcService};
 pub use server::{Health, RpcServer, ServeOptions, shutdown_signal};
-pub use status::{FieldViolation, bad_request, bad_request_violations, field_violations};
+pub use status::{
+    FieldViolation, bad_request, bad_request_violations, field_violations, is_overloaded,
+    overloaded,
+};
 
 /// The largest gRPC message a medgemma server or client sends or accepts (64 MiB): one image's
 /// embeddings for the 4B model are 1.3 MB in bf16, tonic's default limit is 4 MB.

@@ -1,4 +1,7 @@
-//! INVALID_ARGUMENT with `google.rpc.BadRequest` details, and reading them back.
+//! INVALID_ARGUMENT with `google.rpc.BadRequest` details, RESOURCE_EXHAUSTED with
+//! `google.rpc.RetryInfo` for an overloaded server, and reading them back.
+
+use std::time::Duration;
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -59,9 +62,37 @@ pub fn field_violations(status: &Status) -> Vec<FieldViolation> {
         .unwrap_or_default()
 }
 
+/// RESOURCE_EXHAUSTED for a request turned away before any work (a full queue), with a
+/// `google.rpc.RetryInfo` saying when to retry. The RetryInfo is the mark [`is_overloaded`]
+/// reads: such a request may go to another replica at once, unlike RESOURCE_EXHAUSTED for a
+/// request that is itself too big.
+pub fn overloaded(message: impl Into<String>, retry_after: Duration) -> Status {
+    let details = ErrorDetails::with_retry_info(Some(retry_after));
+    Status::with_error_details(Code::ResourceExhausted, message, details)
+}
+
+/// Whether `status` came from [`overloaded`]: RESOURCE_EXHAUSTED with a RetryInfo.
+pub fn is_overloaded(status: &Status) -> bool {
+    status.code() == Code::ResourceExhausted && status.get_details_retry_info().is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overloaded_carries_retry_info() {
+        let s = overloaded("queue full", Duration::from_millis(500));
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(is_overloaded(&s));
+        let info = s.get_details_retry_info().expect("RetryInfo");
+        assert_eq!(info.retry_delay, Some(Duration::from_millis(500)));
+        // A request that is too big is not an overload: no RetryInfo.
+        assert!(!is_overloaded(&Status::resource_exhausted(
+            "prompt too long"
+        )));
+        assert!(!is_overloaded(&Status::unavailable("down")));
+    }
 
     #[test]
     fn bad_request_round_trips_its_violations() {

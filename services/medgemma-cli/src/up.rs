@@ -57,6 +57,9 @@ pub struct UpArgs {
     /// The disclaimer every response carries.
     #[arg(long, env = "MEDGEMMA_DISCLAIMER", default_value = medgemma_gateway::prompt::DEFAULT_DISCLAIMER)]
     pub disclaimer: String,
+    /// Requests each generator lets wait for the model; one more gets RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MEDGEMMA_QUEUE_CAPACITY", default_value_t = 16)]
+    pub queue_capacity: usize,
 }
 
 fn say_listening(name: &str, addr: SocketAddr, note: &str) {
@@ -95,6 +98,7 @@ async fn up(a: UpArgs) -> anyhow::Result<bool> {
         text_replicas: 1,
         disclaimer: a.disclaimer.clone(),
         drain_timeout: Duration::from_secs(8),
+        queue_capacity: a.queue_capacity,
     })
     .await
     .context("starting the suite")?;

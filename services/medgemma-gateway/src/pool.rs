@@ -191,9 +191,12 @@ impl Pool {
         Ok(up.into_iter().chain(down).collect())
     }
 
-    /// Runs `call` on one replica after another until one does not answer UNAVAILABLE. `call`
-    /// must not have sent anything to the gateway's caller before it returns (retrying after
-    /// that would repeat output).
+    /// Runs `call` on one replica after another until one neither is UNAVAILABLE nor turns
+    /// the request away as overloaded (a full queue: RESOURCE_EXHAUSTED with RetryInfo, see
+    /// `medgemma_rpc::overloaded`). An overloaded replica stays up; when every replica is
+    /// full the caller gets that RESOURCE_EXHAUSTED with its RetryInfo. `call` must not have
+    /// sent anything to the gateway's caller before it returns (retrying after that would
+    /// repeat output).
     pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, GatewayError>
     where
         F: FnMut(Channel) -> Fut,
@@ -205,6 +208,10 @@ impl Pool {
                 Ok(v) => {
                     replica.mark_up();
                     return Ok(v);
+                }
+                Err(status) if medgemma_rpc::is_overloaded(&status) => {
+                    tracing::debug!(pool = self.name, replica = %replica.addr, "replica queue full; trying the next one");
+                    last = Some(status);
                 }
                 Err(status) if is_retryable(&status) => {
                     tracing::warn!(pool = self.name, replica = %replica.addr, code = ?status.code(), "replica unavailable; trying the next one");
@@ -306,7 +313,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn call_skips_unavailable_replicas_but_not_other_errors() {
+    async fn call_skips_unavailable_and_full_replicas_but_not_other_errors() {
         let p = Pool::new(
             "text",
             "--text-pool",
@@ -329,9 +336,34 @@ mod tests {
                 async { Err(Status::resource_exhausted("full")) }
             })
             .await;
-        assert_eq!(tries, 1);
+        assert_eq!(
+            tries, 1,
+            "a request too big for one replica is too big for all"
+        );
         let s: Status = r.unwrap_err().into();
         assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        // A full queue (RetryInfo) sends the request on to the next replica...
+        let mut tries = 0;
+        let r: Result<u32, _> = p
+            .call(|_| {
+                tries += 1;
+                let t = tries;
+                async move {
+                    if t == 1 {
+                        Err(medgemma_rpc::overloaded("full", Duration::from_millis(500)))
+                    } else {
+                        Ok(t)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(r.unwrap(), 2);
+        // ...and when every queue is full the caller gets RESOURCE_EXHAUSTED with RetryInfo.
+        let r: Result<(), _> = p
+            .call(|_| async { Err(medgemma_rpc::overloaded("full", Duration::from_millis(500))) })
+            .await;
+        let s: Status = r.unwrap_err().into();
+        assert!(medgemma_rpc::is_overloaded(&s), "{s:?}");
     }
 
     #[test]

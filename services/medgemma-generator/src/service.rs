@@ -193,16 +193,23 @@ impl GeneratorService {
         };
         match ready.jobs.try_send(job) {
             Ok(()) => Ok((rx, want_logprobs)),
-            Err(mpsc::error::TrySendError::Full(_)) => Err(Status::resource_exhausted(format!(
-                "the generator queue is full ({} waiting); retry later",
-                self.inner.config.queue_capacity
-            ))),
+            // Nothing was started: the RetryInfo lets a gateway try another replica at once.
+            Err(mpsc::error::TrySendError::Full(_)) => Err(medgemma_rpc::overloaded(
+                format!(
+                    "the generator queue is full ({} waiting); retry later",
+                    self.inner.config.queue_capacity
+                ),
+                QUEUE_FULL_RETRY_AFTER,
+            )),
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 Err(Status::unavailable("the model worker has stopped"))
             }
         }
     }
 }
+
+/// The retry delay a queue-full rejection suggests (`google.rpc.RetryInfo`).
+const QUEUE_FULL_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn eos_ids(model: &Gemma3, tokenizer: &Tokenizer) -> Vec<u32> {
     let mut ids = model.config().text.eos_token_ids.clone();

@@ -327,6 +327,10 @@ async fn a_full_queue_answers_resource_exhausted_and_queued_deadlines_expire() {
     let t = Instant::now();
     let err = f.client.generate(long()).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        medgemma_rpc::is_overloaded(&err),
+        "carries RetryInfo: {err:?}"
+    );
     assert!(t.elapsed() < Duration::from_millis(500));
 
     let err = client::deadline_status(queued.await.unwrap().unwrap_err());

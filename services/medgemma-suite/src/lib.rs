@@ -62,6 +62,8 @@ pub struct SuiteOptions {
     pub disclaimer: String,
     /// Drain bound of every server at shutdown.
     pub drain_timeout: Duration,
+    /// Requests each generator lets wait for its model; one more gets RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
 }
 
 impl Default for SuiteOptions {
@@ -74,6 +76,7 @@ impl Default for SuiteOptions {
             text_replicas: 1,
             disclaimer: medgemma_gateway::prompt::DEFAULT_DISCLAIMER.into(),
             drain_timeout: Duration::from_secs(8),
+            queue_capacity: GeneratorConfig::new("").queue_capacity,
         }
     }
 }
@@ -267,9 +270,9 @@ impl Suite {
 
         let mut text = Vec::new();
         for _ in 0..options.text_replicas.max(1) {
-            text.push(start_generator(&loaded, false, &any, options.drain_timeout).await?);
+            text.push(start_generator(&loaded, false, &any, &options).await?);
         }
-        let multimodal = start_generator(&loaded, true, &any, options.drain_timeout).await?;
+        let multimodal = start_generator(&loaded, true, &any, &options).await?;
 
         let mut args = GatewayArgs::with_pools(
             options.gateway_listen.clone(),
@@ -299,11 +302,25 @@ impl Suite {
 
     /// Starts one more generator on the suite's model (not added to any gateway's pool).
     pub async fn start_generator(&self, multimodal: bool) -> Result<Generator, SuiteError> {
+        self.start_generator_with_queue(multimodal, self.options.queue_capacity)
+            .await
+    }
+
+    /// [`Suite::start_generator`] with its own queue capacity (overload tests).
+    pub async fn start_generator_with_queue(
+        &self,
+        multimodal: bool,
+        queue_capacity: usize,
+    ) -> Result<Generator, SuiteError> {
+        let options = SuiteOptions {
+            queue_capacity,
+            ..self.options.clone()
+        };
         start_generator(
             &self.loaded,
             multimodal,
-            &format!("{}:0", self.options.host),
-            self.options.drain_timeout,
+            &format!("{}:0", options.host),
+            &options,
         )
         .await
     }
@@ -336,14 +353,16 @@ pub async fn start_generator(
     loaded: &Loaded,
     multimodal: bool,
     listen: &str,
-    drain_timeout: Duration,
+    options: &SuiteOptions,
 ) -> Result<Generator, SuiteError> {
     let mut config = GeneratorConfig::new(if multimodal {
         format!("{}+demo-vision", loaded.model_id)
     } else {
         loaded.model_id.clone()
     });
-    config.drain_timeout = drain_timeout;
+    config.drain_timeout = options.drain_timeout;
+    config.queue_capacity = options.queue_capacity;
+    config.validate()?;
     let (stop, stopped) = stopper();
     let running: RunningGenerator = medgemma_generator::serve(config, listen, stopped).await?;
     let model = if multimodal {

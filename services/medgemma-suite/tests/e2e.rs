@@ -429,6 +429,86 @@ fn cancelled_streams_and_expired_deadlines_free_the_generator() {
     });
 }
 
+#[test]
+fn a_full_queue_is_resource_exhausted_moves_to_a_free_replica_and_loses_no_work() {
+    let Some(sh) = shared() else { return };
+    sh.rt.block_on(async {
+        // g lets one request wait for its model; h is a second replica with room.
+        let g = sh
+            .suite
+            .start_generator_with_queue(false, 1)
+            .await
+            .expect("generator g");
+        let h = sh.suite.start_generator(false).await.expect("generator h");
+        let only_g = own_gateway(&sh.suite, &[&g]).await;
+        let g_and_h = own_gateway(&sh.suite, &[&g, &h]).await;
+        let mut c = client(only_g.addr).await;
+        let short = || {
+            req(pb::AskRequest {
+                question: "Define anemia.".into(),
+                system: None,
+                sampling: greedy(2),
+            })
+        };
+
+        // A holds g's model thread; B waits in g's queue.
+        let mut a = c
+            .ask_stream(req(pb::AskRequest {
+                question: LONG_QUESTION.into(),
+                system: None,
+                sampling: greedy(400),
+            }))
+            .await
+            .expect("AskStream")
+            .into_inner();
+        a.message().await.expect("first message").expect("a delta");
+        let mut cb = c.clone();
+        let b = tokio::spawn(async move { cb.ask(short()).await });
+        let t = Instant::now();
+        while g.service.stats().queue_depth < 1 {
+            assert!(t.elapsed() < Duration::from_secs(10), "B never queued");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // C, through a gateway with only g: RESOURCE_EXHAUSTED at once, RetryInfo kept.
+        let t = Instant::now();
+        let e = c.ask(short()).await.expect_err("g's queue is full");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+        assert!(
+            medgemma_rpc::is_overloaded(&e),
+            "RetryInfo passes through: {e:?}"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "rejected without waiting"
+        );
+
+        // D, through a gateway with g and h: g turns it away, h serves it.
+        let served = h.service.stats().requests_served;
+        let mut c2 = client(g_and_h.addr).await;
+        for i in 0..2 {
+            c2.ask(short())
+                .await
+                .unwrap_or_else(|e| panic!("request {i} with a free replica: {e}"));
+        }
+        assert_eq!(h.service.stats().requests_served, served + 2);
+
+        // Nothing lost: once A is dropped, the queued B runs and answers.
+        drop(a);
+        let rb = b
+            .await
+            .expect("task")
+            .expect("the queued request completes")
+            .into_inner();
+        assert!(rb.usage.expect("usage").completion_tokens > 0);
+        wait_idle(&g, Duration::from_secs(5)).await;
+
+        for s in [only_g, g_and_h, g.server, h.server] {
+            s.stop(Duration::from_secs(10)).await.expect("stops");
+        }
+    });
+}
+
 fn violations(s: &tonic::Status) -> Vec<String> {
     medgemma_rpc::field_violations(s)
         .into_iter()

@@ -78,12 +78,30 @@ impl From<VisionServiceError> for Status {
                 };
                 medgemma_rpc::bad_request(field, source.to_string())
             }
-            VisionServiceError::Overloaded { .. } => Status::resource_exhausted(message),
+            // Nothing was started: the RetryInfo lets a gateway try another replica at once.
+            VisionServiceError::Overloaded { .. } => {
+                medgemma_rpc::overloaded(message, std::time::Duration::from_millis(500))
+            }
             VisionServiceError::DeadlineExceeded => Status::deadline_exceeded(message),
             VisionServiceError::WorkerGone => Status::unavailable(message),
             VisionServiceError::Config(_)
             | VisionServiceError::Rpc(_)
             | VisionServiceError::Encode { .. } => Status::internal(message),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_is_an_overload_a_gateway_may_retry_elsewhere() {
+        let s: Status = VisionServiceError::Overloaded { capacity: 4 }.into();
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert!(medgemma_rpc::is_overloaded(&s));
+        assert!(s.message().contains("4 requests already wait"));
+        let s: Status = VisionServiceError::DeadlineExceeded.into();
+        assert!(!medgemma_rpc::is_overloaded(&s));
     }
 }
