@@ -14,6 +14,7 @@
 //!   DEADLINE_EXCEEDED when it expires before the response starts.
 //! - [`bad_request`]: INVALID_ARGUMENT with `google.rpc.BadRequest` field violations.
 //! - [`client`]: a channel with our settings, health checks, reflection listings.
+//! - [`init_logging`]: the one log set-up of every binary (stderr, `MEDGEMMA_LOG`).
 
 pub mod client;
 pub mod deadline;
@@ -24,6 +25,19 @@ mod status;
 pub mod trace;
 
 pub use error::RpcError;
+
+/// Logs to stderr (stdout is for results), filtered by `MEDGEMMA_LOG` (`tracing` filter
+/// syntax, e.g. `info,medgemma_rpc=debug`), else at `default_level`. Every binary calls this
+/// once at start.
+pub fn init_logging(default_level: &str) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MEDGEMMA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .init();
+}
 pub use layer::{RpcLayer, RpcService};
 pub use server::{Health, RpcServer, ServeOptions, shutdown_signal};
 pub use status::{

@@ -81,13 +81,7 @@ fn pin_thread_count() {
 
 fn main() {
     pin_thread_count();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MEDGEMMA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    medgemma_rpc::init_logging("warn");
     let cli = Cli::parse();
     let res = match cli.command {
         Command::FetchDemo(a) => fetch_demo(a),

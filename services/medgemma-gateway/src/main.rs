@@ -16,13 +16,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MEDGEMMA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    medgemma_rpc::init_logging("info");
     let cli = Cli::parse();
     // The disclaimer is configuration, not a secret; pools are addresses.
     tracing::info!(config = ?cli.args, "starting");

@@ -17,13 +17,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MEDGEMMA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    medgemma_rpc::init_logging("info");
     let cli = Cli::parse();
     let running = medgemma_generator::launch(cli.args, medgemma_rpc::shutdown_signal(), |addr| {
         tracing::info!(%addr, "bound; loading the model");

@@ -13,13 +13,7 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MEDGEMMA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    medgemma_rpc::init_logging("info");
     let cli = Cli::parse();
     let running =
         medgemma_tokenizer_service::launch(cli.args, medgemma_rpc::shutdown_signal()).await?;
