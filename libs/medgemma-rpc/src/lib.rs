@@ -39,7 +39,7 @@ pub fn init_logging(default_level: &str) {
         .init();
 }
 pub use layer::{RpcLayer, RpcService};
-pub use server::{Health, RpcServer, ServeOptions, shutdown_signal};
+pub use server::{Health, RpcServer, Running, ServeOptions, shutdown_signal};
 pub use status::{
     FieldViolation, bad_request, bad_request_violations, field_violations, is_overloaded,
     overloaded,

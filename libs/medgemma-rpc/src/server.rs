@@ -83,15 +83,25 @@ impl Health {
     }
 }
 
+/// A server serving on its own task ([`RpcServer::spawn`]).
+#[derive(Debug)]
+pub struct Running {
+    /// Where it listens.
+    pub local_addr: SocketAddr,
+    /// Its health: NOT_SERVING until the owner flips it.
+    pub health: Health,
+    /// The server task; it ends after the shutdown future completes and calls drained.
+    pub server: tokio::task::JoinHandle<Result<(), RpcError>>,
+}
+
 /// A bound, not yet serving, gRPC server.
 ///
 /// ```ignore
 /// let server = RpcServer::bind("127.0.0.1:0", &[GeneratorServer::<G>::NAME]).await?;
-/// println!("generator listening on {}", server.local_addr());
-/// let health = server.health();
-/// let serving = tokio::spawn(server.serve(routes, medgemma_rpc::shutdown_signal()));
+/// let running = server.spawn(routes, medgemma_rpc::shutdown_signal());
+/// println!("generator listening on {}", running.local_addr);
 /// // ... load, warm up ...
-/// health.set_serving().await;
+/// running.health.set_serving().await;
 /// ```
 #[derive(Debug)]
 pub struct RpcServer {
@@ -139,6 +149,21 @@ impl RpcServer {
     /// The health handle: flip it to SERVING once ready.
     pub fn health(&self) -> Health {
         self.health.clone()
+    }
+
+    /// [`serve`](Self::serve) on a new task; the handle keeps the address and the health.
+    pub fn spawn(
+        self,
+        routes: Routes,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Running {
+        let local_addr = self.local_addr;
+        let health = self.health();
+        Running {
+            local_addr,
+            health,
+            server: tokio::spawn(self.serve(routes, shutdown)),
+        }
     }
 
     fn reflection(&self) -> tonic_reflection::server::Builder<'static> {

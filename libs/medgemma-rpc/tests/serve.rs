@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use medgemma_rpc::{RpcError, RpcServer, ServeOptions};
+use medgemma_rpc::{RpcError, RpcServer, Running, ServeOptions};
 use tokio_stream::StreamExt;
 use tonic::service::Routes;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -95,13 +95,15 @@ async fn list_v1alpha(addr: std::net::SocketAddr) -> Vec<String> {
 #[tokio::test]
 async fn health_flips_and_reflection_lists_the_services() {
     let server = RpcServer::bind("127.0.0.1:0", &[SERVICE]).await.unwrap();
-    let addr = server.local_addr();
-    assert_ne!(addr.port(), 0);
-    let health = server.health();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve(Routes::default(), async {
+    let Running {
+        local_addr: addr,
+        health,
+        server: serving,
+    } = server.spawn(Routes::default(), async {
         let _ = stopped.await;
-    }));
+    });
+    assert_ne!(addr.port(), 0);
 
     let mut client = HealthClient::new(channel(addr).await);
     assert_eq!(

@@ -77,10 +77,11 @@ pub async fn serve(
     };
     let service = GeneratorService::new(config)?;
     let server = RpcServer::bind_with(listen, &[SERVICE_NAME], options).await?;
-    let local_addr = server.local_addr();
-    let health = server.health();
-    let routes = Routes::new(service.clone().into_server());
-    let server = tokio::spawn(server.serve(routes, shutdown));
+    let medgemma_rpc::Running {
+        local_addr,
+        health,
+        server,
+    } = server.spawn(Routes::new(service.clone().into_server()), shutdown);
     Ok(RunningGenerator {
         local_addr,
         health,

@@ -17,11 +17,9 @@ mod error;
 mod service;
 
 use std::future::Future;
-use std::net::SocketAddr;
 
 use medgemma_proto::tokenizer::v1::tokenizer_server::TokenizerServer;
-use medgemma_rpc::{Health, RpcError, RpcServer, ServeOptions};
-use tokio::task::JoinHandle;
+use medgemma_rpc::{RpcServer, ServeOptions};
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
@@ -33,15 +31,7 @@ pub use service::TokenizerService;
 pub const SERVICE_NAME: &str = <TokenizerServer<TokenizerService> as NamedService>::NAME;
 
 /// A tokenizer service serving on a bound address.
-#[derive(Debug)]
-pub struct RunningTokenizer {
-    /// Where it listens.
-    pub local_addr: SocketAddr,
-    /// Its health.
-    pub health: Health,
-    /// The server task; it ends after the shutdown future completes and calls drained.
-    pub server: JoinHandle<Result<(), RpcError>>,
-}
+pub type RunningTokenizer = medgemma_rpc::Running;
 
 /// Binds `listen`, serves `service`, and reports SERVING (a loaded tokenizer needs no warm-up).
 pub async fn serve(
@@ -51,16 +41,9 @@ pub async fn serve(
     options: ServeOptions,
 ) -> Result<RunningTokenizer, TokenizerServiceError> {
     let server = RpcServer::bind_with(listen, &[SERVICE_NAME], options).await?;
-    let local_addr = server.local_addr();
-    let health = server.health();
-    let routes = Routes::new(service.into_server());
-    let server = tokio::spawn(server.serve(routes, shutdown));
-    health.set_serving().await;
-    Ok(RunningTokenizer {
-        local_addr,
-        health,
-        server,
-    })
+    let running = server.spawn(Routes::new(service.into_server()), shutdown);
+    running.health.set_serving().await;
+    Ok(running)
 }
 
 /// From the command-line flags: load the tokenizer (on a blocking thread) and serve it.

@@ -22,11 +22,9 @@ mod error;
 mod service;
 
 use std::future::Future;
-use std::net::SocketAddr;
 
 use medgemma_proto::vision::v1::vision_encoder_server::VisionEncoderServer;
-use medgemma_rpc::{Health, RpcError, RpcServer, ServeOptions};
-use tokio::task::JoinHandle;
+use medgemma_rpc::{RpcServer, ServeOptions};
 use tonic::server::NamedService;
 use tonic::service::Routes;
 
@@ -38,15 +36,7 @@ pub use service::{EmbeddingDType, VisionService, VisionSettings};
 pub const SERVICE_NAME: &str = <VisionEncoderServer<VisionService> as NamedService>::NAME;
 
 /// A vision service serving on a bound address.
-#[derive(Debug)]
-pub struct RunningVision {
-    /// Where it listens.
-    pub local_addr: SocketAddr,
-    /// Its health.
-    pub health: Health,
-    /// The server task; it ends after the shutdown future completes and calls drained.
-    pub server: JoinHandle<Result<(), RpcError>>,
-}
+pub type RunningVision = medgemma_rpc::Running;
 
 /// Binds `listen`, serves `service`, waits for the encoder's warm-up, then reports SERVING.
 pub async fn serve(
@@ -56,18 +46,11 @@ pub async fn serve(
     options: ServeOptions,
 ) -> Result<RunningVision, VisionServiceError> {
     let server = RpcServer::bind_with(listen, &[SERVICE_NAME], options).await?;
-    let local_addr = server.local_addr();
-    let health = server.health();
     let warm = service.clone();
-    let routes = Routes::new(service.into_server());
-    let server = tokio::spawn(server.serve(routes, shutdown));
+    let running = server.spawn(Routes::new(service.into_server()), shutdown);
     warm.warmed().await?;
-    health.set_serving().await;
-    Ok(RunningVision {
-        local_addr,
-        health,
-        server,
-    })
+    running.health.set_serving().await;
+    Ok(running)
 }
 
 /// From the command-line flags: load the tower (on a blocking thread) and serve it.
