@@ -316,6 +316,22 @@ pub fn add(a: Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// Max |a - b| over two f32 tensors of the same shape (the crate's unit tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,18 +362,7 @@ mod tests {
             .contiguous()
             .unwrap();
         let b = Tensor::randn(0f32, 1.0, 37, &d).unwrap();
-        let diff = |a: Tensor, b: Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
+        let diff = |a: Tensor, b: Tensor| max_abs_diff(&a, &b);
         let fresh = || x.copy().unwrap();
         let got = softmax_last_dim(fresh(), 0.3).unwrap();
         let want = candle_nn::ops::softmax_last_dim(&(&x * 0.3).unwrap()).unwrap();

@@ -599,16 +599,7 @@ mod tests {
                 Tensor::from_vec(out, (n, heads * hd), &Device::Cpu).unwrap()
             }
         };
-        let diff: f32 = (fused - unfused)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = cpu_ops::max_abs_diff(&fused, &unfused);
         assert!(diff < 1e-5, "max |fused - unfused| = {diff}");
     }
 }
