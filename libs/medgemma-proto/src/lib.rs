@@ -58,6 +58,31 @@ pub const SERVICE_NAMES: &[&str] = &[
     "medgemma.gateway.v1.ClinicalTasks",
 ];
 
+/// The media types an `Image.mime_type` (vision and gateway protos) may name.
+pub const IMAGE_MEDIA_TYPES: &[&str] = &[
+    "image/png",
+    "image/jpeg",
+    "image/jpg",
+    "image/webp",
+    "image/tiff",
+    "application/dicom",
+];
+
+/// Checks an `Image.mime_type`: its essence, lower case and without parameters (`""`: sniff
+/// the format from the bytes), or what is wrong with it (for a field violation).
+pub fn image_media_type(mime_type: &str) -> Result<String, String> {
+    let mime = mime_type.trim().to_ascii_lowercase();
+    let essence = mime.split(';').next().unwrap_or_default().trim();
+    if essence.is_empty() || IMAGE_MEDIA_TYPES.contains(&essence) {
+        Ok(essence.to_owned())
+    } else {
+        Err(format!(
+            "must be empty or one of {}",
+            IMAGE_MEDIA_TYPES.join(", ")
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use prost::Message;
@@ -85,6 +110,18 @@ mod tests {
         let mut want: Vec<String> = SERVICE_NAMES.iter().map(|s| s.to_string()).collect();
         want.sort();
         assert_eq!(services, want);
+    }
+
+    #[test]
+    fn image_media_types_are_checked_by_their_essence() {
+        assert_eq!(image_media_type("").unwrap(), "");
+        assert_eq!(image_media_type(" Image/PNG ").unwrap(), "image/png");
+        assert_eq!(
+            image_media_type("application/dicom; transfer-syntax=1.2.840.10008.1.2.4.90").unwrap(),
+            "application/dicom"
+        );
+        let e = image_media_type("text/plain").unwrap_err();
+        assert!(e.starts_with("must be empty or one of image/png"), "{e}");
     }
 
     #[test]

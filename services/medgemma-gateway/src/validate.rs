@@ -80,16 +80,6 @@ pub struct ReportTask {
 /// Longest modality or body part, in bytes.
 const MAX_LABEL_BYTES: usize = 200;
 
-/// Media types the vision service reads.
-const IMAGE_TYPES: &[&str] = &[
-    "image/png",
-    "image/jpeg",
-    "image/jpg",
-    "image/webp",
-    "image/tiff",
-    "application/dicom",
-];
-
 struct Violations(Vec<FieldViolation>);
 
 impl Violations {
@@ -274,14 +264,10 @@ pub fn report(
             "is not an image the service reads (PNG, JPEG, WebP, TIFF or DICOM)",
         );
     }
-    let mime = image.mime_type.trim().to_ascii_lowercase();
-    let essence = mime.split(';').next().unwrap_or_default().trim().to_owned();
-    if !essence.is_empty() && !IMAGE_TYPES.contains(&essence.as_str()) {
-        v.add(
-            "image.mime_type",
-            format!("must be empty or one of {}", IMAGE_TYPES.join(", ")),
-        );
-    }
+    let essence = medgemma_proto::image_media_type(&image.mime_type).unwrap_or_else(|problem| {
+        v.add("image.mime_type", problem);
+        String::new()
+    });
     for (field, value) in [("modality", &r.modality), ("body_part", &r.body_part)] {
         if value.len() > MAX_LABEL_BYTES {
             v.add(field, format!("is more than {MAX_LABEL_BYTES} bytes"));

@@ -15,16 +15,6 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{VisionServiceError, is_input_error};
 
-/// Media types the service reads (empty: sniffed from the bytes).
-const IMAGE_TYPES: &[&str] = &[
-    "image/png",
-    "image/jpeg",
-    "image/jpg",
-    "image/webp",
-    "image/tiff",
-    "application/dicom",
-];
-
 /// The element type of returned embeddings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EmbeddingDType {
@@ -223,12 +213,10 @@ impl VisionService {
                     "is not an image this service reads (PNG, JPEG, WebP, TIFF or DICOM Part 10)",
                 ));
             }
-            let mime = img.mime_type.trim().to_ascii_lowercase();
-            let essence = mime.split(';').next().unwrap_or_default().trim();
-            if !essence.is_empty() && !IMAGE_TYPES.contains(&essence) {
+            if let Err(problem) = medgemma_proto::image_media_type(&img.mime_type) {
                 v.push(FieldViolation::new(
                     format!("images[{i}].mime_type"),
-                    format!("must be empty or one of {}", IMAGE_TYPES.join(", ")),
+                    problem,
                 ));
             }
         }
