@@ -28,6 +28,8 @@
 
 use rayon::prelude::*;
 
+use crate::cpu_ops::{EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO, LOG2E, exp_approx};
+
 /// f32 lanes per vector.
 const W: usize = 16;
 /// Vectors of queries per block.
@@ -55,21 +57,6 @@ trait Vf: Copy {
     /// `e^x`, 0 for `x` below -87 (and for -inf).
     unsafe fn exp(self) -> Self;
 }
-
-// Cephes' expf: e^x = 2^n e^r, |r| <= ln2/2, e^r by a degree-6 polynomial (within 2 ulp).
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-const EXP_P: [f32; 6] = [
-    1.987_569_2e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    1.666_666_5e-1,
-    0.5,
-];
-const EXP_LO: f32 = -87.0;
-const EXP_HI: f32 = 88.0;
 
 /// Portable 16-lane vector; loops the compiler vectorises.
 #[derive(Clone, Copy)]
@@ -123,14 +110,7 @@ impl Vf for Lanes {
     }
     #[inline(always)]
     unsafe fn exp(self) -> Self {
-        Lanes(self.0.map(|x| {
-            let c = x.clamp(EXP_LO, EXP_HI);
-            let n = (c * LOG2E).round();
-            let r = c - n * LN2_HI - n * LN2_LO;
-            let p = EXP_P.iter().fold(0.0, |p, &k| p * r + k);
-            let e = (p * r * r + r + 1.0) * f32::from_bits((((n as i32) + 127) << 23) as u32);
-            if x < EXP_LO { 0.0 } else { e }
-        }))
+        Lanes(self.0.map(|x| if x < EXP_LO { 0.0 } else { exp_approx(x) }))
     }
 }
 
@@ -197,8 +177,8 @@ mod zmm {
                 );
                 let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), c);
                 let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
-                let mut p = _mm512_set1_ps(EXP_P[0]);
-                for &k in &EXP_P[1..] {
+                let mut p = _mm512_set1_ps(EXP_POLY[0]);
+                for &k in &EXP_POLY[1..] {
                     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(k));
                 }
                 let p = _mm512_fmadd_ps(
@@ -474,8 +454,10 @@ pub(crate) fn attention(
         });
     let blocks = n.div_ceil(QB);
     let dst = SendPtr(out.as_mut_ptr());
-    let (qp, kpp, vpp) = (SendPtr(qkv.as_ptr().cast_mut()), kp.as_ptr(), vp.as_ptr());
-    let (kpp, vpp) = (SendPtr(kpp.cast_mut()), SendPtr(vpp.cast_mut()));
+    // Read-only through these three; `SendPtr` only carries them into the tasks.
+    let qp = SendPtr(qkv.as_ptr().cast_mut());
+    let kpp = SendPtr(kp.as_ptr().cast_mut());
+    let vpp = SendPtr(vp.as_ptr().cast_mut());
     // Head-major order: the two halves rayon first splits into each keep their heads' K/V
     // in their own core's cache.
     (0..heads * blocks).into_par_iter().for_each_init(
