@@ -2,8 +2,8 @@
 
 use clap::Parser;
 
-/// mimalloc reuses freed pages; glibc would `mmap` and zero-fill each large activation afresh
-/// (the vision tower allocates ~280 MB per layer).
+/// mimalloc reuses freed pages; glibc would `mmap` and zero-fill every allocation over its
+/// threshold (prefill activations, logits) afresh on each request.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
