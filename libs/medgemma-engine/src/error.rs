@@ -24,6 +24,17 @@ pub enum EngineError {
         prompt_tokens: usize,
         context: usize,
     },
+    #[error("prompt of {tokens} tokens is over the limit of {limit} input tokens (--max-input-tokens)")]
+    InputTooLong { tokens: usize, limit: usize },
+    #[error(
+        "prompt of {prompt_tokens} tokens needs {need_bytes} bytes of KV cache, more than the \
+         whole cache of {limit_bytes} bytes (--kv-cache-bytes)"
+    )]
+    KvCapacity {
+        prompt_tokens: usize,
+        need_bytes: usize,
+        limit_bytes: usize,
+    },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
     #[error("internal error: {0}")]

@@ -171,6 +171,55 @@ impl KvCache {
         (self.stores[0].in_use, self.stores[1].in_use)
     }
 
+    /// The byte limit, if any.
+    pub fn max_bytes(&self) -> Option<usize> {
+        self.cfg.max_bytes
+    }
+
+    /// Bytes of one block of `block_size` positions across every layer (the unit in which
+    /// block counts are reported).
+    pub fn full_block_bytes(&self) -> usize {
+        self.layer_block_bytes() * self.layer_slot.len()
+    }
+
+    /// The block a sequence's next new block of kind `s` starts at.
+    fn next_block_start(&self, seq: &SequenceKv, s: usize) -> usize {
+        let bs = self.cfg.block_size;
+        seq.tables[s]
+            .back()
+            .map(|b| b.start + bs)
+            .unwrap_or(seq.len - seq.len % bs)
+    }
+
+    /// Bytes [`KvCache::reserve`] would allocate for `n` more positions of `seq`.
+    pub fn bytes_to_reserve(&self, seq: &SequenceKv, n: usize) -> usize {
+        let end = seq.len + n;
+        (0..2)
+            .filter(|&s| !self.stores[s].layers.is_empty())
+            .map(|s| {
+                let next = self.next_block_start(seq, s);
+                end.saturating_sub(next).div_ceil(self.cfg.block_size) * self.store_block_bytes(s)
+            })
+            .sum()
+    }
+
+    /// Whether `n` more positions of `seq` fit under the byte limit now.
+    pub fn can_reserve(&self, seq: &SequenceKv, n: usize) -> bool {
+        self.cfg
+            .max_bytes
+            .is_none_or(|max| self.bytes_in_use() + self.bytes_to_reserve(seq, n) <= max)
+    }
+
+    /// The most bytes a sequence of `positions` holds at once when its positions are computed
+    /// in chunks of at most `chunk`: every global-layer block, and the sliding layers' window
+    /// plus one chunk (sliding blocks that left the window are freed after each chunk).
+    pub fn bytes_for_sequence(&self, positions: usize, chunk: usize) -> usize {
+        let bs = self.cfg.block_size;
+        let blocks = positions.div_ceil(bs);
+        let sliding = blocks.min((self.window + chunk).div_ceil(bs) + 1);
+        sliding * self.store_block_bytes(0) + blocks * self.store_block_bytes(1)
+    }
+
     /// Drops recycled blocks so their memory returns to the allocator.
     pub fn trim(&mut self) {
         for st in &mut self.stores {
@@ -264,10 +313,7 @@ impl KvCache {
             if self.stores[s].layers.is_empty() {
                 continue;
             }
-            let mut next = seq.tables[s]
-                .back()
-                .map(|b| b.start + bs)
-                .unwrap_or(seq.len - seq.len % bs);
+            let mut next = self.next_block_start(seq, s);
             while next < end {
                 let id = self.alloc(s)?;
                 seq.tables[s].push_back(BlockRef { id, start: next });

@@ -14,6 +14,7 @@ mod cpu_gemv;
 mod cpu_layout;
 mod error;
 mod kv_cache;
+mod layers;
 mod model;
 mod weights;
 

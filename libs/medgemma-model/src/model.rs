@@ -14,6 +14,10 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{LayerType, ModelConfig, MultimodalConfig, RopeParams};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig, SequenceKv};
+use crate::layers::{
+    Attention, Batch, Layer, MaskBlocks, MaskSpec, Mlp, Projections, RmsNorm, SeqRows,
+    image_groups, kind_index,
+};
 use crate::weights::{
     Embedding, GgufSource, HfSource, LayerWeight, Linear, Quantize, Raw, SafetensorsCheckpoint,
     WeightName, WeightSource, write_gguf_cache,
@@ -135,70 +139,6 @@ pub struct SeqInput<'a> {
     /// Embeddings `[n_image_tokens, hidden]` spliced at the image-token rows, in order.
     pub image_embeds: Option<&'a Tensor>,
     pub logits: LogitsRows,
-}
-
-#[derive(Debug)]
-struct RmsNorm {
-    /// 1 + w, f32.
-    weight: Tensor,
-    eps: f32,
-}
-
-impl RmsNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dt = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        candle_nn::ops::rms_norm(&xf.contiguous()?, &self.weight, self.eps)?.to_dtype(dt)
-    }
-}
-
-/// Projections that share an input, fused into one matmul when their storage allows.
-#[derive(Debug)]
-enum Projections {
-    Fused { w: Linear, widths: Vec<usize> },
-    Separate(Vec<Linear>),
-}
-
-impl Projections {
-    fn new(parts: Vec<Linear>, widths: Vec<usize>) -> Result<Self> {
-        Ok(match crate::weights::fuse(&parts)? {
-            Some(w) => Self::Fused { w, widths },
-            None => Self::Separate(parts),
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        match self {
-            Self::Fused { w, widths } => {
-                let y = w.forward(x)?;
-                let mut off = 0;
-                widths
-                    .iter()
-                    .map(|&n| {
-                        let part = y.narrow(1, off, n);
-                        off += n;
-                        part
-                    })
-                    .collect()
-            }
-            Self::Separate(ws) => ws.iter().map(|w| w.forward(x)).collect(),
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Layer {
-    kind: LayerType,
-    input_norm: RmsNorm,
-    qkv: Projections,
-    o: Linear,
-    q_norm: RmsNorm,
-    k_norm: RmsNorm,
-    post_attn_norm: RmsNorm,
-    pre_ff_norm: RmsNorm,
-    gate_up: Projections,
-    down: Linear,
-    post_ff_norm: RmsNorm,
 }
 
 /// A loaded Gemma 3 decoder. Immutable and shareable; per-sequence state lives in a
@@ -431,16 +371,24 @@ impl Gemma3 {
             let up = mat(LayerWeight::Up, ff, h)?;
             let down = mat(LayerWeight::Down, h, ff)?;
             layers.push(Layer {
-                kind: t.layer_type(i),
                 input_norm,
-                qkv: Projections::new(vec![q, k, v], vec![nh * hd, nkv * hd, nkv * hd])?,
-                o,
-                q_norm,
-                k_norm,
+                attn: Attention {
+                    kind: t.layer_type(i),
+                    qkv: Projections::new(vec![q, k, v], vec![nh * hd, nkv * hd, nkv * hd])?,
+                    o,
+                    q_norm,
+                    k_norm,
+                    heads: nh,
+                    kv_heads: nkv,
+                    head_dim: hd,
+                    scale: t.attn_scale(),
+                },
                 post_attn_norm,
                 pre_ff_norm,
-                gate_up: Projections::new(vec![gate, up], vec![ff, ff])?,
-                down,
+                mlp: Mlp {
+                    gate_up: Projections::new(vec![gate, up], vec![ff, ff])?,
+                    down,
+                },
                 post_ff_norm,
             });
         }
@@ -628,161 +576,22 @@ impl Gemma3 {
         batch: &mut [SeqInput<'_>],
         mut hidden_out: Option<&mut Vec<Tensor>>,
     ) -> Result<Vec<Option<Tensor>>> {
-        let t = &self.cfg.text;
-        let mut n_images = Vec::with_capacity(batch.len());
         for item in batch.iter() {
-            n_images.push(self.validate(item)?);
+            self.validate(item)?;
         }
-        let total: usize = batch.iter().map(|b| b.tokens.len()).sum();
-        if total == 0 {
+        if batch.iter().all(|b| b.tokens.is_empty()) {
             return Ok(batch.iter().map(|_| None).collect());
         }
         for item in batch.iter_mut() {
             kv.reserve(item.kv, item.tokens.len())?;
         }
-        // Packed rows: positions, ids (image ids masked to pad as transformers does) and
-        // where each row's embedding comes from.
-        let image = self.image_token();
-        let pad = t.pad_token_id.unwrap_or(0);
-        let mut positions = Vec::with_capacity(total);
-        let mut ids = Vec::with_capacity(total);
-        let mut source_rows: Vec<u32> = Vec::with_capacity(total);
-        let mut image_rows = 0u32;
-        let mut image_parts = Vec::new();
-        for item in batch.iter() {
-            let start = item.kv.len();
-            for (i, &id) in item.tokens.iter().enumerate() {
-                positions.push(start + i);
-                if Some(id) == image {
-                    ids.push(pad);
-                    source_rows.push(total as u32 + image_rows);
-                    image_rows += 1;
-                } else {
-                    ids.push(id);
-                    source_rows.push((positions.len() - 1) as u32);
-                }
-            }
-            if let Some(e) = item.image_embeds {
-                image_parts.push(e.to_dtype(self.dtype)?.to_device(&self.device)?);
-            }
-        }
-        let ids_t = Tensor::new(ids.as_slice(), &self.device)?;
-        let mut h = self.embed.lookup(&ids_t)?.to_dtype(self.dtype)?;
-        h = h.affine(self.embed_scale, 0.0)?;
-        if image_rows > 0 {
-            let mut parts = vec![h];
-            parts.extend(image_parts);
-            let all = Tensor::cat(&parts, 0)?;
-            let idx = Tensor::new(source_rows.as_slice(), &self.device)?;
-            h = all.index_select(&idx, 0)?;
-        }
+        let ctx = self.batch_context(kv, batch)?;
+        let mut h = self.embed_rows(batch, ctx.total)?;
         if let Some(out) = hidden_out.as_deref_mut() {
             out.push(h.clone());
         }
-
-        // Masks per sequence and layer kind (shared by every layer of that kind).
-        let mut offsets = Vec::with_capacity(batch.len());
-        let mut masks: Vec<[Option<Tensor>; 2]> = Vec::with_capacity(batch.len());
-        let mut off = 0;
-        for item in batch.iter() {
-            offsets.push(off);
-            off += item.tokens.len();
-            let groups = image_groups(item.tokens, image);
-            let mut m: [Option<Tensor>; 2] = [None, None];
-            for (ki, kind) in [LayerType::Sliding, LayerType::Global]
-                .into_iter()
-                .enumerate()
-            {
-                if !t.layer_types.contains(&kind) {
-                    continue;
-                }
-                let first = kv.first_position(item.kv, kind);
-                m[ki] = self.mask(item.kv.len(), item.tokens.len(), first, kind, &groups)?;
-            }
-            masks.push(m);
-        }
-
-        let (cos_l, sin_l) = self.rope_tables(&positions, &self.inv_freq_local)?;
-        let (cos_g, sin_g) = self.rope_tables(&positions, &self.inv_freq_global)?;
-        let (nh, nkv, hd) = (t.num_attention_heads, t.num_key_value_heads, t.head_dim);
-        let groups_per_kv = nh / nkv;
-        let scale = t.attn_scale();
-
         for (li, layer) in self.layers.iter().enumerate() {
-            let residual = h.clone();
-            let x = layer.input_norm.forward(&h)?;
-            let qkv = layer.qkv.forward(&x)?;
-            let q = qkv[0].contiguous()?.reshape((total, nh, hd))?;
-            let k = qkv[1].contiguous()?.reshape((total, nkv, hd))?;
-            let v = qkv[2].contiguous()?.reshape((total, nkv, hd))?;
-            let q = layer.q_norm.forward(&q)?;
-            let k = layer.k_norm.forward(&k)?;
-            let (cos, sin) = match layer.kind {
-                LayerType::Sliding => (&cos_l, &sin_l),
-                LayerType::Global => (&cos_g, &sin_g),
-            };
-            let q = candle_nn::rotary_emb::rope(
-                &q.transpose(0, 1)?.contiguous()?.unsqueeze(0)?,
-                cos,
-                sin,
-            )?
-            .squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope(
-                &k.transpose(0, 1)?.contiguous()?.unsqueeze(0)?,
-                cos,
-                sin,
-            )?
-            .squeeze(0)?;
-            let v = v.transpose(0, 1)?.contiguous()?;
-            let ki = match layer.kind {
-                LayerType::Sliding => 0,
-                LayerType::Global => 1,
-            };
-            let mut outs = Vec::with_capacity(batch.len());
-            for (bi, item) in batch.iter().enumerate() {
-                let n = item.tokens.len();
-                if n == 0 {
-                    continue;
-                }
-                let o = offsets[bi];
-                kv.write(item.kv, li, &k.narrow(1, o, n)?, &v.narrow(1, o, n)?)?;
-                let end = item.kv.len() + n;
-                let (kk, vv, _first) = kv.gather(item.kv, li, end)?;
-                let l = kk.dim(1)?;
-                let qi = q
-                    .narrow(1, o, n)?
-                    .contiguous()?
-                    .reshape((nkv, groups_per_kv * n, hd))?;
-                let scores = (qi.matmul(&kk.t()?)? * scale)?;
-                let scores = scores
-                    .to_dtype(DType::F32)?
-                    .reshape((nkv, groups_per_kv, n, l))?;
-                let scores = match &masks[bi][ki] {
-                    Some(m) => scores.broadcast_add(m)?,
-                    None => scores,
-                };
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?
-                    .to_dtype(self.dtype)?
-                    .reshape((nkv, groups_per_kv * n, l))?;
-                let out = probs.matmul(&vv)?.reshape((nh, n, hd))?;
-                outs.push(out);
-            }
-            let attn = if outs.len() == 1 {
-                outs.pop().expect("one output")
-            } else {
-                Tensor::cat(&outs, 1)?
-            };
-            let attn = attn
-                .transpose(0, 1)?
-                .contiguous()?
-                .reshape((total, nh * hd))?;
-            let attn = layer.o.forward(&attn)?;
-            h = (residual + layer.post_attn_norm.forward(&attn)?)?;
-            let residual = h.clone();
-            let x = layer.pre_ff_norm.forward(&h)?;
-            let gu = layer.gate_up.forward(&x)?;
-            let mlp = layer.down.forward(&(gu[0].gelu()? * &gu[1])?)?;
-            h = (residual + layer.post_ff_norm.forward(&mlp)?)?;
+            h = layer.forward(li, &h, &ctx, kv, batch)?;
             if let Some(out) = hidden_out.as_deref_mut() {
                 if li + 1 == self.layers.len() {
                     out.push(self.final_norm.forward(&h)?);
@@ -792,16 +601,100 @@ impl Gemma3 {
             }
         }
         for item in batch.iter_mut() {
-            let n = item.tokens.len();
-            kv.commit(item.kv, n);
+            kv.commit(item.kv, item.tokens.len());
         }
+        self.logits(&h, &ctx, batch)
+    }
 
-        // Logits only for the rows that are needed.
+    /// The packed rows of every sequence, their RoPE tables and their masks, built once per
+    /// forward call (after the KV blocks are reserved, before any are written).
+    fn batch_context(&self, kv: &KvCache, batch: &[SeqInput<'_>]) -> Result<Batch> {
+        let t = &self.cfg.text;
+        let image = self.image_token();
+        let mut positions = Vec::new();
+        let mut rows = Vec::with_capacity(batch.len());
+        for item in batch {
+            let (start, n) = (item.kv.len(), item.tokens.len());
+            let groups = image_groups(item.tokens, image);
+            let mut masks: [MaskBlocks; 2] = Default::default();
+            for kind in [LayerType::Sliding, LayerType::Global] {
+                if n > 0 && t.layer_types.contains(&kind) {
+                    masks[kind_index(kind)] = MaskSpec {
+                        start,
+                        n,
+                        first: kv.first_position(item.kv, kind),
+                        kind,
+                        groups: &groups,
+                    }
+                    .build(t, &self.device)?;
+                }
+            }
+            rows.push(SeqRows {
+                offset: positions.len(),
+                n,
+                start,
+                masks,
+            });
+            positions.extend(start..start + n);
+        }
+        Ok(Batch {
+            total: positions.len(),
+            rows,
+            rope: [
+                self.rope_tables(&positions, &self.inv_freq_local)?,
+                self.rope_tables(&positions, &self.inv_freq_global)?,
+            ],
+        })
+    }
+
+    /// The scaled token embeddings of the packed rows, with image embeddings spliced in at the
+    /// image-token rows after the scaling (image ids are looked up as pad, as transformers does).
+    fn embed_rows(&self, batch: &[SeqInput<'_>], total: usize) -> Result<Tensor> {
+        let image = self.image_token();
+        let pad = self.cfg.text.pad_token_id.unwrap_or(0);
+        let mut ids = Vec::with_capacity(total);
+        let mut source_rows: Vec<u32> = Vec::with_capacity(total);
+        let mut image_rows = 0u32;
+        let mut image_parts = Vec::new();
+        for item in batch {
+            for &id in item.tokens {
+                if Some(id) == image {
+                    ids.push(pad);
+                    source_rows.push(total as u32 + image_rows);
+                    image_rows += 1;
+                } else {
+                    source_rows.push(ids.len() as u32);
+                    ids.push(id);
+                }
+            }
+            if let Some(e) = item.image_embeds {
+                image_parts.push(e.to_dtype(self.dtype)?.to_device(&self.device)?);
+            }
+        }
+        let ids_t = Tensor::new(ids.as_slice(), &self.device)?;
+        let h = self.embed.lookup(&ids_t)?.to_dtype(self.dtype)?;
+        let h = h.affine(self.embed_scale, 0.0)?;
+        if image_rows == 0 {
+            return Ok(h);
+        }
+        let mut parts = vec![h];
+        parts.extend(image_parts);
+        let all = Tensor::cat(&parts, 0)?;
+        let idx = Tensor::new(source_rows.as_slice(), &self.device)?;
+        Ok(all.index_select(&idx, 0)?)
+    }
+
+    /// Logits (after the final norm) for the rows each sequence asked for.
+    fn logits(
+        &self,
+        h: &Tensor,
+        ctx: &Batch,
+        batch: &[SeqInput<'_>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let mut rows: Vec<u32> = Vec::new();
         let mut spans = Vec::with_capacity(batch.len());
-        for (bi, item) in batch.iter().enumerate() {
-            let n = item.tokens.len();
-            let o = offsets[bi];
+        for (r, item) in ctx.rows.iter().zip(batch) {
+            let (o, n) = (r.offset, r.n);
             let before = rows.len();
             match item.logits {
                 LogitsRows::None => {}
@@ -815,73 +708,13 @@ impl Gemma3 {
             return Ok(batch.iter().map(|_| None).collect());
         }
         let idx = Tensor::new(rows.as_slice(), &self.device)?;
-        let sel = h.index_select(&idx, 0)?;
-        let sel = self.final_norm.forward(&sel)?;
+        let sel = self.final_norm.forward(&h.index_select(&idx, 0)?)?;
         let logits = self.lm_head.forward(&sel)?.to_dtype(DType::F32)?;
         spans
             .into_iter()
-            .map(|(start, len)| {
-                if len == 0 {
-                    Ok(None)
-                } else {
-                    Ok(Some(logits.narrow(0, start, len)?))
-                }
-            })
+            .map(|(start, len)| Ok((len > 0).then(|| logits.narrow(0, start, len)).transpose()?))
             .collect()
     }
-
-    /// The additive mask `[n, L]` for one sequence's new rows against its cached keys, or
-    /// `None` when every key is visible.
-    fn mask(
-        &self,
-        start: usize,
-        n: usize,
-        first: usize,
-        kind: LayerType,
-        groups: &[Option<u32>],
-    ) -> Result<Option<Tensor>> {
-        let l = start + n - first;
-        let w = self.cfg.text.sliding_window;
-        let visible = |q: usize, k: usize| -> bool {
-            let same_image = k >= start
-                && matches!((groups[q - start], groups[k - start]), (Some(a), Some(b)) if a == b);
-            let causal_or_image = k <= q || same_image;
-            match kind {
-                LayerType::Global => causal_or_image,
-                LayerType::Sliding => q < k + w && causal_or_image,
-            }
-        };
-        let mut all = true;
-        let mut data = Vec::with_capacity(n * l);
-        for qi in 0..n {
-            let q = start + qi;
-            for kj in 0..l {
-                let ok = visible(q, first + kj);
-                all &= ok;
-                data.push(if ok { 0f32 } else { f32::NEG_INFINITY });
-            }
-        }
-        if all {
-            return Ok(None);
-        }
-        Ok(Some(Tensor::from_vec(data, (n, l), &self.device)?))
-    }
-}
-
-/// Runs of consecutive image tokens, numbered; `None` for text rows.
-fn image_groups(tokens: &[u32], image: Option<u32>) -> Vec<Option<u32>> {
-    let mut out = Vec::with_capacity(tokens.len());
-    let mut group = 0u32;
-    let mut prev = false;
-    for &t in tokens {
-        let is = Some(t) == image;
-        if is && !prev {
-            group += 1;
-        }
-        out.push(is.then_some(group));
-        prev = is;
-    }
-    out
 }
 
 fn to_norm(raw: Raw, device: &Device, eps: f32) -> Result<RmsNorm> {

@@ -57,9 +57,13 @@ pub struct UpArgs {
     /// The disclaimer every response carries.
     #[arg(long, env = "MEDGEMMA_DISCLAIMER", default_value = medgemma_gateway::prompt::DEFAULT_DISCLAIMER)]
     pub disclaimer: String,
-    /// Requests each generator lets wait for the model; one more gets RESOURCE_EXHAUSTED.
+    /// Requests each generator lets wait beyond its running ones; one more gets
+    /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "MEDGEMMA_QUEUE_CAPACITY", default_value_t = 16)]
     pub queue_capacity: usize,
+    /// Sequences each generator runs at once (continuous batching).
+    #[arg(long, env = "MEDGEMMA_MAX_RUNNING", default_value_t = 64)]
+    pub max_running: usize,
 }
 
 fn say_listening(name: &str, addr: SocketAddr, note: &str) {
@@ -99,6 +103,7 @@ async fn up(a: UpArgs) -> anyhow::Result<bool> {
         disclaimer: a.disclaimer.clone(),
         drain_timeout: Duration::from_secs(8),
         queue_capacity: a.queue_capacity,
+        max_running: a.max_running,
     })
     .await
     .context("starting the suite")?;

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use medgemma_engine::generate::SchedulerConfig;
 use medgemma_model::{Gemma3, KvCacheConfig, LoadOptions, ModelDType, Quantize};
 use medgemma_tokenizer::Tokenizer;
 
@@ -45,9 +46,19 @@ pub struct GeneratorArgs {
     /// Where quantized models are cached (default: $MEDGEMMA_CACHE_DIR/quantized).
     #[arg(long, env = "MEDGEMMA_QUANT_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Requests that may wait for the model; one more gets RESOURCE_EXHAUSTED at once.
+    /// Requests that may wait beyond the running ones; one more gets RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "MEDGEMMA_QUEUE_CAPACITY", default_value_t = 16)]
     pub queue_capacity: usize,
+    /// Sequences that run at once in the batch (continuous batching); more wait.
+    #[arg(long, env = "MEDGEMMA_MAX_RUNNING", default_value_t = 64)]
+    pub max_running: usize,
+    /// Rows one forward step runs: a decode row per running sequence plus prefill chunks of
+    /// long prompts (chunked prefill), so a long prompt never stalls the others.
+    #[arg(long, env = "MEDGEMMA_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// The longest prompt accepted, in tokens (default: the model's context length).
+    #[arg(long, env = "MEDGEMMA_MAX_INPUT_TOKENS")]
+    pub max_input_tokens: Option<usize>,
     /// Token budget of a request that sets no `max_new_tokens`.
     #[arg(long, env = "MEDGEMMA_DEFAULT_MAX_NEW_TOKENS", default_value_t = 512)]
     pub default_max_new_tokens: u32,
@@ -70,18 +81,22 @@ pub struct GeneratorConfig {
     pub default_max_new_tokens: u32,
     /// KV-cache settings (byte limit).
     pub kv_cache: KvCacheConfig,
+    /// Batching: running sequences, rows per step, longest prompt.
+    pub scheduler: SchedulerConfig,
     /// Drain bound at shutdown.
     pub drain_timeout: Duration,
 }
 
 impl GeneratorConfig {
-    /// Defaults for a model id: queue of 16, 512-token budget, no KV limit, 10 s drain.
+    /// Defaults for a model id: queue of 16, 512-token budget, no KV limit, 64 running
+    /// sequences, 512 rows per step, 10 s drain.
     pub fn new(model_id: impl Into<String>) -> Self {
         Self {
             model_id: model_id.into(),
             queue_capacity: 16,
             default_max_new_tokens: 512,
             kv_cache: KvCacheConfig::default(),
+            scheduler: SchedulerConfig::default(),
             drain_timeout: Duration::from_secs(10),
         }
     }
@@ -96,6 +111,21 @@ impl GeneratorConfig {
         if self.default_max_new_tokens == 0 {
             return Err(GeneratorError::Config(
                 "--default-max-new-tokens must be at least 1".into(),
+            ));
+        }
+        if self.scheduler.max_running == 0 {
+            return Err(GeneratorError::Config(
+                "--max-running must be at least 1".into(),
+            ));
+        }
+        if self.scheduler.max_batch_tokens == 0 {
+            return Err(GeneratorError::Config(
+                "--max-batch-tokens must be at least 1".into(),
+            ));
+        }
+        if self.scheduler.max_input_tokens == Some(0) {
+            return Err(GeneratorError::Config(
+                "--max-input-tokens must be at least 1".into(),
             ));
         }
         if self.model_id.trim().is_empty() {
@@ -138,6 +168,11 @@ impl GeneratorArgs {
             kv_cache: KvCacheConfig {
                 max_bytes: self.kv_cache_bytes,
                 ..KvCacheConfig::default()
+            },
+            scheduler: SchedulerConfig {
+                max_running: self.max_running,
+                max_batch_tokens: self.max_batch_tokens,
+                max_input_tokens: self.max_input_tokens,
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
         }

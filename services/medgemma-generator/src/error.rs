@@ -88,6 +88,9 @@ pub(crate) fn engine_status(e: &EngineError) -> Status {
         EngineError::ContextExceeded { .. } => {
             medgemma_rpc::bad_request("prompt_ids", e.to_string())
         }
+        EngineError::InputTooLong { .. } | EngineError::KvCapacity { .. } => {
+            medgemma_rpc::bad_request("prompt_ids", e.to_string())
+        }
         EngineError::InvalidRequest(reason) => Status::invalid_argument(reason.clone()),
         EngineError::Internal(reason) => Status::internal(reason.clone()),
     }

@@ -41,7 +41,7 @@ struct ModelInfo {
 }
 
 struct Ready {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::UnboundedSender<Job>,
     stats: Arc<WorkerStats>,
     info: ModelInfo,
 }
@@ -106,14 +106,15 @@ impl GeneratorService {
                 .multimodal
                 .as_ref()
                 .map(|m| u32::try_from(m.mm_tokens_per_image).unwrap_or(u32::MAX)),
-            eos_token_ids: eos_ids(&model, &tokenizer),
+            eos_token_ids: medgemma_engine::generate::stop_ids(&model, &tokenizer),
         };
-        let (tx, rx) = mpsc::channel(self.inner.config.queue_capacity);
+        let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(WorkerStats::default());
         let warm = worker::spawn(
             model,
             tokenizer,
             self.inner.config.kv_cache,
+            self.inner.config.scheduler,
             rx,
             stats.clone(),
         )
@@ -151,23 +152,31 @@ impl GeneratorService {
 
     /// Current load figures (what the `Stats` RPC returns).
     pub fn stats(&self) -> pb::StatsResponse {
-        let capacity = self.inner.config.queue_capacity;
-        let limit = self.inner.config.kv_cache.max_bytes.unwrap_or(0) as u64;
-        match self.inner.ready.get() {
-            None => pb::StatsResponse {
-                queue_capacity: capacity as u32,
-                kv_bytes_limit: limit,
-                ..Default::default()
-            },
-            Some(r) => pb::StatsResponse {
-                active_sequences: r.stats.active.load(Ordering::Relaxed),
-                queue_depth: (r.jobs.max_capacity() - r.jobs.capacity()) as u32,
-                queue_capacity: capacity as u32,
-                kv_bytes_in_use: r.stats.kv_bytes_in_use.load(Ordering::Relaxed),
-                kv_bytes_limit: limit,
-                requests_served: r.stats.requests_served.load(Ordering::Relaxed),
-            },
+        let cfg = &self.inner.config;
+        let mut out = pb::StatsResponse {
+            queue_capacity: cfg.queue_capacity as u32,
+            kv_bytes_limit: cfg.kv_cache.max_bytes.unwrap_or(0) as u64,
+            max_running: cfg.scheduler.max_running as u32,
+            max_batch_tokens: cfg.scheduler.max_batch_tokens as u32,
+            ..Default::default()
+        };
+        if let Some(r) = self.inner.ready.get() {
+            let e = r.stats.engine();
+            let in_system = r.stats.in_system.load(Ordering::Relaxed);
+            out.active_sequences = e.running as u32;
+            out.queue_depth = in_system.saturating_sub(e.running) as u32;
+            out.kv_bytes_in_use = e.kv_bytes_in_use as u64;
+            out.requests_served = r.stats.requests_served.load(Ordering::Relaxed);
+            out.steps = e.steps;
+            out.last_batch_size = e.last_batch as u32;
+            out.max_batch_size = e.max_batch as u32;
+            out.prefix_cache_query_tokens = e.prefix_query_tokens;
+            out.prefix_cache_hit_tokens = e.prefix_hit_tokens;
+            out.kv_blocks_used = e.kv_blocks_used as u64;
+            out.kv_blocks_free = e.kv_blocks_free.map(|f| f as u64);
+            out.preemptions = e.preemptions;
         }
+        out
     }
 
     /// Validates and enqueues; the receiver gets the job's events.
@@ -191,17 +200,29 @@ impl GeneratorService {
             deadline,
             enqueued: Instant::now(),
         };
-        match ready.jobs.try_send(job) {
-            Ok(()) => Ok((rx, want_logprobs)),
+        // Room for `max_running` running sequences and `queue_capacity` waiting ones.
+        let cfg = &self.inner.config;
+        let room = cfg.scheduler.max_running + cfg.queue_capacity;
+        let taken = ready
+            .stats
+            .in_system
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < room).then_some(n + 1)
+            });
+        if taken.is_err() {
             // Nothing was started: the RetryInfo lets a gateway try another replica at once.
-            Err(mpsc::error::TrySendError::Full(_)) => Err(medgemma_rpc::overloaded(
+            return Err(medgemma_rpc::overloaded(
                 format!(
-                    "the generator queue is full ({} waiting); retry later",
-                    self.inner.config.queue_capacity
+                    "the generator queue is full ({} running, {} waiting); retry later",
+                    cfg.scheduler.max_running, cfg.queue_capacity
                 ),
                 QUEUE_FULL_RETRY_AFTER,
-            )),
-            Err(mpsc::error::TrySendError::Closed(_)) => {
+            ));
+        }
+        match ready.jobs.send(job) {
+            Ok(()) => Ok((rx, want_logprobs)),
+            Err(_) => {
+                ready.stats.in_system.fetch_sub(1, Ordering::Relaxed);
                 Err(Status::unavailable("the model worker has stopped"))
             }
         }
@@ -210,21 +231,6 @@ impl GeneratorService {
 
 /// The retry delay a queue-full rejection suggests (`google.rpc.RetryInfo`).
 const QUEUE_FULL_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
-
-fn eos_ids(model: &Gemma3, tokenizer: &Tokenizer) -> Vec<u32> {
-    let mut ids = model.config().text.eos_token_ids.clone();
-    for &id in tokenizer.eos_ids() {
-        if !ids.contains(&id) {
-            ids.push(id);
-        }
-    }
-    if let Some(id) = tokenizer.token_to_id("<end_of_turn>")
-        && !ids.contains(&id)
-    {
-        ids.push(id);
-    }
-    ids
-}
 
 /// A validated request and what the response needs from it.
 struct Submitted {
@@ -597,7 +603,6 @@ fn job_status(e: JobError) -> Status {
             Status::deadline_exceeded("the deadline expired during generation")
         }
         JobError::Engine(e) => engine_status(&e),
-        JobError::Panicked => Status::internal("generation failed unexpectedly"),
     }
 }
 

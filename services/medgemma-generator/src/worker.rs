@@ -1,18 +1,23 @@
-//! The model thread: owns the [`Engine`] (and its KV cache), takes jobs from a bounded queue one
-//! at a time, and reports tokens and results back over per-job channels.
+//! The model thread: owns the [`Engine`] (and its KV cache) and runs its scheduler loop. New
+//! jobs join the running batch between steps (continuous batching); each step is one forward
+//! call over every running sequence; tokens and results go back over per-job channels.
 //!
 //! A job whose caller is gone (the response receiver was dropped: the client cancelled or
-//! disconnected) or whose deadline passed is stopped at the next token; one that is already
-//! dead when it leaves the queue is never run. Batching several jobs per step is a later change
-//! of [`run_job`]: jobs already carry everything a batch slot needs.
+//! disconnected) or whose deadline passed leaves the queue or the batch before the next step,
+//! wherever it is, and its KV blocks are freed. A panic inside a step fails the sequences that
+//! were running (INTERNAL) and the thread keeps serving.
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use medgemma_engine::EngineError;
-use medgemma_engine::generate::{Engine, GenerationOutput, GenerationRequest, TokenEvent};
+use medgemma_engine::generate::{
+    Engine, EngineStats, GenerationOutput, GenerationRequest, SchedulerConfig, SequenceId,
+    StepEvent,
+};
 use medgemma_engine::sampling::Sampled;
 use medgemma_model::{Gemma3, KvCacheConfig};
 use medgemma_tokenizer::Tokenizer;
@@ -41,26 +46,42 @@ pub(crate) enum Event {
 /// A completed job.
 pub(crate) struct Finished {
     pub output: GenerationOutput,
+    /// From submission until the sequence was first scheduled.
     pub queue_time: Duration,
 }
 
 /// Why a job produced no result.
 #[derive(Debug)]
 pub(crate) enum JobError {
-    /// The deadline passed, in the queue (`queued`) or while generating.
+    /// The deadline passed, waiting (`queued`) or while generating.
     DeadlineExceeded { queued: bool },
     /// The engine refused or failed the request.
     Engine(EngineError),
-    /// The engine panicked (a bug); the job was abandoned.
-    Panicked,
 }
 
 /// Load figures shared with the async side.
 #[derive(Debug, Default)]
 pub(crate) struct WorkerStats {
-    pub active: AtomicU32,
-    pub kv_bytes_in_use: AtomicU64,
+    /// Jobs submitted and not yet answered (in the channel, waiting or running).
+    pub in_system: AtomicUsize,
     pub requests_served: AtomicU64,
+    /// The engine's figures after its last step.
+    pub engine: Mutex<EngineStats>,
+}
+
+impl WorkerStats {
+    pub fn engine(&self) -> EngineStats {
+        *self.engine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A job the engine has admitted.
+struct Live {
+    events: mpsc::UnboundedSender<Event>,
+    stream: bool,
+    deadline: Option<Instant>,
+    /// Time spent in the channel before admission.
+    channel_wait: Duration,
 }
 
 /// Starts the model thread. The returned receiver resolves once the one-token warm-up is done
@@ -69,7 +90,8 @@ pub(crate) fn spawn(
     model: Arc<Gemma3>,
     tokenizer: Arc<Tokenizer>,
     kv: KvCacheConfig,
-    mut jobs: mpsc::Receiver<Job>,
+    sched: SchedulerConfig,
+    jobs: mpsc::UnboundedReceiver<Job>,
     stats: Arc<WorkerStats>,
 ) -> std::io::Result<oneshot::Receiver<Result<(), EngineError>>> {
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -80,7 +102,7 @@ pub(crate) fn spawn(
                 .bos_id()
                 .or(model.config().text.bos_token_id)
                 .unwrap_or(0);
-            let mut engine = Engine::new(model, tokenizer, kv);
+            let mut engine = Engine::with_scheduler(model, tokenizer, kv, sched);
             let warm = engine
                 .generate(&GenerationRequest::new(vec![warm_id], 1), &mut |_| true)
                 .map(|_| ());
@@ -89,71 +111,185 @@ pub(crate) fn spawn(
             if failed {
                 return;
             }
-            tracing::info!("model thread ready");
-            while let Some(job) = jobs.blocking_recv() {
-                run_job(&mut engine, job, &stats);
+            tracing::info!(
+                max_running = sched.max_running,
+                max_batch_tokens = sched.max_batch_tokens,
+                "model thread ready"
+            );
+            Scheduler {
+                engine,
+                jobs,
+                live: HashMap::new(),
+                stats,
             }
+            .run();
             tracing::info!("model thread stopped: the queue is closed");
         })?;
     Ok(ready_rx)
 }
 
-fn run_job(engine: &mut Engine, job: Job, stats: &WorkerStats) {
-    let Job {
-        request,
-        events,
-        stream,
-        deadline,
-        enqueued,
-    } = job;
-    let queue_time = enqueued.elapsed();
-    let result = if events.is_closed() {
-        tracing::debug!("job cancelled while queued");
-        None
-    } else if deadline.is_some_and(|d| Instant::now() >= d) {
-        tracing::debug!("job deadline expired while queued");
-        Some(Err(JobError::DeadlineExceeded { queued: true }))
-    } else {
-        stats.active.store(1, Ordering::Relaxed);
-        let mut deadline_hit = false;
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            engine.generate(&request, &mut |ev: &TokenEvent<'_>| {
-                stats
-                    .kv_bytes_in_use
-                    .store(ev.kv_bytes_in_use as u64, Ordering::Relaxed);
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    deadline_hit = true;
-                    return false;
+struct Scheduler {
+    engine: Engine,
+    jobs: mpsc::UnboundedReceiver<Job>,
+    live: HashMap<SequenceId, Live>,
+    stats: Arc<WorkerStats>,
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        loop {
+            if !self.engine.has_work() {
+                match self.jobs.blocking_recv() {
+                    Some(job) => self.accept(job),
+                    None => return,
                 }
-                if stream {
-                    events
-                        .send(Event::Token {
-                            text_delta: ev.text_delta.to_owned(),
-                            sampled: ev.sampled.clone(),
-                        })
-                        .is_ok()
-                } else {
-                    !events.is_closed()
-                }
-            })
-        }));
-        stats
-            .kv_bytes_in_use
-            .store(engine.kv_bytes_in_use() as u64, Ordering::Relaxed);
-        stats.active.store(0, Ordering::Relaxed);
-        Some(match outcome {
-            Ok(Ok(_)) if deadline_hit => Err(JobError::DeadlineExceeded { queued: false }),
-            Ok(Ok(output)) => Ok(Finished { output, queue_time }),
-            Ok(Err(e)) => Err(JobError::Engine(e)),
-            Err(_) => {
-                tracing::error!("the engine panicked; the request was abandoned");
-                Err(JobError::Panicked)
             }
-        })
-    };
-    stats.requests_served.fetch_add(1, Ordering::Relaxed);
-    if let Some(result) = result {
+            while let Ok(job) = self.jobs.try_recv() {
+                self.accept(job);
+            }
+            self.drop_dead();
+            if self.engine.has_work() {
+                self.step();
+            }
+            *self.stats.engine.lock().unwrap_or_else(|p| p.into_inner()) = self.engine.stats();
+        }
+    }
+
+    /// Answers a job and forgets it.
+    fn answer(&mut self, events: &mpsc::UnboundedSender<Event>, result: Result<Finished, JobError>) {
         // The caller may be gone by now; nothing to do then.
         let _ = events.send(Event::Done(result));
+        self.stats.in_system.fetch_sub(1, Ordering::Relaxed);
+        self.stats.requests_served.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn accept(&mut self, job: Job) {
+        let Job {
+            request,
+            events,
+            stream,
+            deadline,
+            enqueued,
+        } = job;
+        if events.is_closed() {
+            tracing::debug!("job cancelled while queued");
+            self.stats.in_system.fetch_sub(1, Ordering::Relaxed);
+            self.stats.requests_served.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            tracing::debug!("job deadline expired while queued");
+            self.answer(&events, Err(JobError::DeadlineExceeded { queued: true }));
+            return;
+        }
+        match self.engine.admit(request) {
+            Ok(id) => {
+                self.live.insert(
+                    id,
+                    Live {
+                        events,
+                        stream,
+                        deadline,
+                        channel_wait: enqueued.elapsed(),
+                    },
+                );
+            }
+            Err(e) => self.answer(&events, Err(JobError::Engine(e))),
+        }
+    }
+
+    /// Cancels every job whose caller went away or whose deadline passed, wherever it is.
+    fn drop_dead(&mut self) {
+        let now = Instant::now();
+        let dead: Vec<(SequenceId, bool)> = self
+            .live
+            .iter()
+            .filter_map(|(&id, l)| {
+                if l.events.is_closed() {
+                    Some((id, false))
+                } else {
+                    l.deadline.is_some_and(|d| now >= d).then_some((id, true))
+                }
+            })
+            .collect();
+        for (id, expired) in dead {
+            let queued = self.engine.is_waiting(id);
+            self.engine.cancel(id);
+            let live = self.live.remove(&id).expect("listed above");
+            if expired {
+                tracing::debug!(queued, "job deadline expired");
+                self.answer(&live.events, Err(JobError::DeadlineExceeded { queued }));
+            } else {
+                tracing::debug!(queued, "job cancelled by its caller");
+                self.stats.in_system.fetch_sub(1, Ordering::Relaxed);
+                self.stats.requests_served.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        let events = match std::panic::catch_unwind(AssertUnwindSafe(|| self.engine.step())) {
+            Ok(Ok(events)) => events,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "a step failed; failing the jobs it held");
+                let ids: Vec<SequenceId> = self.live.keys().copied().collect();
+                for id in ids {
+                    self.engine.cancel(id);
+                    let live = self.live.remove(&id).expect("listed");
+                    self.answer(
+                        &live.events,
+                        Err(JobError::Engine(EngineError::Internal(e.to_string()))),
+                    );
+                }
+                return;
+            }
+            Err(_) => {
+                // The engine freed the running sequences' blocks; the next step reports them.
+                tracing::error!("the engine panicked; the running requests fail");
+                return;
+            }
+        };
+        for ev in events {
+            match ev {
+                StepEvent::Token {
+                    id,
+                    sampled,
+                    text_delta,
+                } => {
+                    let Some(live) = self.live.get(&id) else {
+                        continue;
+                    };
+                    if live.stream
+                        && live
+                            .events
+                            .send(Event::Token {
+                                text_delta,
+                                sampled,
+                            })
+                            .is_err()
+                    {
+                        // Picked up by `drop_dead` before the next step.
+                        continue;
+                    }
+                }
+                StepEvent::Finished { id, output } => {
+                    if let Some(live) = self.live.remove(&id) {
+                        let queue_time = live.channel_wait + output.queue_time;
+                        self.answer(
+                            &live.events,
+                            Ok(Finished {
+                                output: *output,
+                                queue_time,
+                            }),
+                        );
+                    }
+                }
+                StepEvent::Failed { id, error } => {
+                    if let Some(live) = self.live.remove(&id) {
+                        self.answer(&live.events, Err(JobError::Engine(error)));
+                    }
+                }
+            }
+        }
     }
 }

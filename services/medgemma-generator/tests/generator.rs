@@ -299,6 +299,7 @@ async fn an_expired_deadline_gives_deadline_exceeded_and_frees_the_model() {
 async fn a_full_queue_answers_resource_exhausted_and_queued_deadlines_expire() {
     let mut cfg = config();
     cfg.queue_capacity = 1;
+    cfg.scheduler.max_running = 1;
     let Some(mut f) = start(cfg).await else {
         return;
     };

@@ -62,8 +62,11 @@ pub struct SuiteOptions {
     pub disclaimer: String,
     /// Drain bound of every server at shutdown.
     pub drain_timeout: Duration,
-    /// Requests each generator lets wait for its model; one more gets RESOURCE_EXHAUSTED.
+    /// Requests each generator lets wait beyond its running ones; one more gets
+    /// RESOURCE_EXHAUSTED.
     pub queue_capacity: usize,
+    /// Sequences each generator runs at once (continuous batching).
+    pub max_running: usize,
 }
 
 impl Default for SuiteOptions {
@@ -77,6 +80,7 @@ impl Default for SuiteOptions {
             disclaimer: medgemma_gateway::prompt::DEFAULT_DISCLAIMER.into(),
             drain_timeout: Duration::from_secs(8),
             queue_capacity: GeneratorConfig::new("").queue_capacity,
+            max_running: GeneratorConfig::new("").scheduler.max_running,
         }
     }
 }
@@ -302,18 +306,25 @@ impl Suite {
 
     /// Starts one more generator on the suite's model (not added to any gateway's pool).
     pub async fn start_generator(&self, multimodal: bool) -> Result<Generator, SuiteError> {
-        self.start_generator_with_queue(multimodal, self.options.queue_capacity)
-            .await
+        self.start_generator_with_queue(
+            multimodal,
+            self.options.queue_capacity,
+            self.options.max_running,
+        )
+        .await
     }
 
-    /// [`Suite::start_generator`] with its own queue capacity (overload tests).
+    /// [`Suite::start_generator`] with its own queue capacity and running-sequence limit
+    /// (overload tests).
     pub async fn start_generator_with_queue(
         &self,
         multimodal: bool,
         queue_capacity: usize,
+        max_running: usize,
     ) -> Result<Generator, SuiteError> {
         let options = SuiteOptions {
             queue_capacity,
+            max_running,
             ..self.options.clone()
         };
         start_generator(
@@ -362,6 +373,7 @@ pub async fn start_generator(
     });
     config.drain_timeout = options.drain_timeout;
     config.queue_capacity = options.queue_capacity;
+    config.scheduler.max_running = options.max_running;
     config.validate()?;
     let (stop, stopped) = stopper();
     let running: RunningGenerator = medgemma_generator::serve(config, listen, stopped).await?;

@@ -436,7 +436,7 @@ fn a_full_queue_is_resource_exhausted_moves_to_a_free_replica_and_loses_no_work(
         // g lets one request wait for its model; h is a second replica with room.
         let g = sh
             .suite
-            .start_generator_with_queue(false, 1)
+            .start_generator_with_queue(false, 1, 1)
             .await
             .expect("generator g");
         let h = sh.suite.start_generator(false).await.expect("generator h");
