@@ -24,7 +24,9 @@ pub enum EngineError {
         prompt_tokens: usize,
         context: usize,
     },
-    #[error("prompt of {tokens} tokens is over the limit of {limit} input tokens (--max-input-tokens)")]
+    #[error(
+        "prompt of {tokens} tokens is over the limit of {limit} input tokens (--max-input-tokens)"
+    )]
     InputTooLong { tokens: usize, limit: usize },
     #[error(
         "prompt of {prompt_tokens} tokens needs {need_bytes} bytes of KV cache, more than the \

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 use medgemma_model::{Gemma3, KvCache, KvCacheConfig, LogitsRows, SeqInput, SequenceKv};
 use medgemma_tokenizer::{IncrementalDecoder, Tokenizer};
+use sha2::{Digest, Sha256};
 
 use crate::constraint::{Constraint, ConstraintFactory, ConstraintSpec};
 use crate::error::{EngineError, Result};
@@ -178,6 +179,8 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// The longest prompt accepted (`--max-input-tokens`); `None`: the model's context.
     pub max_input_tokens: Option<usize>,
+    /// Reuse the KV blocks of prompt prefixes seen before (`--prefix-caching`).
+    pub prefix_caching: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -186,6 +189,7 @@ impl Default for SchedulerConfig {
             max_batch_tokens: 512,
             max_running: 64,
             max_input_tokens: None,
+            prefix_caching: true,
         }
     }
 }
@@ -272,6 +276,8 @@ struct Sequence {
     prompt_len: usize,
     /// Embeddings of the prompt's image-token rows, in order.
     image_embeds: Option<Tensor>,
+    /// Salts the sequence's prefix-cache keys: a hash of its image embeddings (0: none).
+    salt: u128,
     logprobs: Vec<Sampled>,
     /// Ids whose first-position logprobs are wanted, and what was found for them.
     first_token_ids: Vec<u32>,
@@ -319,7 +325,8 @@ impl Engine {
         sched: SchedulerConfig,
     ) -> Self {
         let eos_ids = stop_ids(&model, &tokenizer);
-        let kv = model.new_kv_cache(kv);
+        let mut kv = model.new_kv_cache(kv);
+        kv.set_prefix_caching(sched.prefix_caching);
         let sched = SchedulerConfig {
             max_batch_tokens: sched.max_batch_tokens.max(1),
             max_running: sched.max_running.max(1),
@@ -435,10 +442,15 @@ impl Engine {
             Some(spec) => Some(self.constraint_factory()?.create(spec)?),
             None => None,
         };
+        let salt = match &r.image_embeds {
+            Some(e) => embeddings_salt(e)?,
+            None => 0,
+        };
         let id = self.next_id;
         self.next_id += 1;
         let seq = Sequence {
-            kv: self.kv.new_sequence(),
+            kv: self.kv.new_salted_sequence(salt),
+            salt,
             sampler,
             constraint,
             tokens: r.prompt_ids,
@@ -448,7 +460,11 @@ impl Engine {
             first_token_ids: r.logprob_token_ids,
             first_token_logprobs: Vec::new(),
             budget: r.max_new_tokens.min(ctx - n),
-            stop_strings: r.stop_strings.into_iter().filter(|s| !s.is_empty()).collect(),
+            stop_strings: r
+                .stop_strings
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
             ignore_eos: r.ignore_eos,
             decoder: IncrementalDecoder::new(true),
             emitted: String::new(),
@@ -630,6 +646,15 @@ impl Engine {
             self.running.push(id);
             let seq = self.seqs.get_mut(&id).expect("waiting sequences exist");
             seq.scheduled.get_or_insert_with(Instant::now);
+            if self.kv.prefix_caching() && seq.kv.is_empty() {
+                // Never the whole prompt: its last token must run to give the first logits.
+                let hashes = self
+                    .kv
+                    .prefix_hashes(&seq.tokens[..seq.tokens.len() - 1], seq.salt);
+                let hit = self.kv.attach_prefix(&mut seq.kv, &hashes);
+                self.stats.prefix_query_tokens += seq.tokens.len() as u64;
+                self.stats.prefix_hit_tokens += hit as u64;
+            }
         }
     }
 
@@ -706,7 +731,7 @@ impl Engine {
         self.running.retain(|&r| r != id);
         if let Some(seq) = self.seqs.get_mut(&id) {
             self.kv.release(&mut seq.kv);
-            seq.kv = self.kv.new_sequence();
+            seq.kv = self.kv.new_salted_sequence(seq.salt);
             self.waiting.push_front(id);
             self.stats.preemptions += 1;
         }
@@ -797,10 +822,7 @@ impl Engine {
             logprobs: seq.logprobs,
             queue_time: scheduled.saturating_duration_since(seq.admitted),
             prefill_time: first.saturating_duration_since(scheduled),
-            decode_time: seq
-                .first_token
-                .map(|t| t.elapsed())
-                .unwrap_or_default(),
+            decode_time: seq.first_token.map(|t| t.elapsed()).unwrap_or_default(),
             kv_bytes_peak: seq.kv_peak,
             first_token_logprobs: seq.first_token_logprobs,
         }
@@ -813,10 +835,7 @@ impl Engine {
         self.stats.waiting = self.waiting.len();
         self.stats.kv_bytes_in_use = in_use;
         self.stats.kv_blocks_used = in_use.div_ceil(full);
-        self.stats.kv_blocks_free = self
-            .kv
-            .max_bytes()
-            .map(|m| m.saturating_sub(in_use) / full);
+        self.stats.kv_blocks_free = self.kv.max_bytes().map(|m| m.saturating_sub(in_use) / full);
     }
 
     /// Runs one request to the end; `on_token` sees every token and returns `false` to cancel.
@@ -864,7 +883,10 @@ impl Engine {
                             kv_bytes_in_use: self.kv.bytes_in_use(),
                         });
                         let finished = self.seqs.get(&id).is_none_or(|s| s.finish.is_some());
-                        if !go_on && !finished && let Some(out) = self.cancel(id) {
+                        if !go_on
+                            && !finished
+                            && let Some(out) = self.cancel(id)
+                        {
                             results[i] = Some(Ok(out));
                         }
                     }
@@ -904,6 +926,20 @@ pub fn stop_ids(model: &Gemma3, tokenizer: &Tokenizer) -> Vec<u32> {
         ids.push(id);
     }
     ids
+}
+
+/// A content hash of image embeddings: sequences with other images never share KV blocks.
+fn embeddings_salt(e: &Tensor) -> Result<u128> {
+    let mut h = Sha256::new();
+    for v in e
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?
+    {
+        h.update(v.to_le_bytes());
+    }
+    let d = h.finalize();
+    Ok(u128::from_le_bytes(d[..16].try_into().expect("32-byte digest")).max(1))
 }
 
 fn count(tokens: &[u32], id: u32) -> usize {
@@ -1006,9 +1042,17 @@ mod tests {
         const I: u32 = 9;
         let t = [1, 2, I, I, I, I, 3, 4];
         assert_eq!(chunk_len(&t, 0, 4, Some(I)), 2, "stops before the image");
-        assert_eq!(chunk_len(&t, 2, 2, Some(I)), 4, "an image longer than the budget is whole");
+        assert_eq!(
+            chunk_len(&t, 2, 2, Some(I)),
+            4,
+            "an image longer than the budget is whole"
+        );
         assert_eq!(chunk_len(&t, 2, 5, Some(I)), 5);
-        assert_eq!(chunk_len(&t, 0, 6, Some(I)), 6, "ends right after the image");
+        assert_eq!(
+            chunk_len(&t, 0, 6, Some(I)),
+            6,
+            "ends right after the image"
+        );
         assert_eq!(chunk_len(&t, 0, 3, None), 3);
         assert_eq!(chunk_len(&t, 6, 100, Some(I)), 2);
     }

@@ -61,6 +61,7 @@ fn sched(max_batch_tokens: usize, max_running: usize) -> SchedulerConfig {
         max_batch_tokens,
         max_running,
         max_input_tokens: None,
+        prefix_caching: true,
     }
 }
 
@@ -179,7 +180,10 @@ fn requests_joining_between_steps_and_preemption_keep_every_output() {
         assert!(e.kv_bytes_in_use() <= limit, "the byte limit holds");
     }
     let st = e.stats();
-    assert!(st.preemptions > 0, "the small cache forced preemptions: {st:?} limit {limit}");
+    assert!(
+        st.preemptions > 0,
+        "the small cache forced preemptions: {st:?} limit {limit}"
+    );
     assert!(st.max_batch > 1, "requests ran together");
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g.as_ref().unwrap(), w, "request {i}");
@@ -260,10 +264,20 @@ fn limits_are_refused_at_admission_naming_them() {
             ..sched(32, 4)
         },
     );
-    let err = e.admit(GenerationRequest::new(vec![5; 101], 2)).unwrap_err();
-    assert!(matches!(err, EngineError::InputTooLong { tokens: 101, limit: 100 }));
+    let err = e
+        .admit(GenerationRequest::new(vec![5; 101], 2))
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        EngineError::InputTooLong {
+            tokens: 101,
+            limit: 100
+        }
+    ));
     assert!(err.to_string().contains("--max-input-tokens"), "{err}");
-    let err = e.admit(GenerationRequest::new(vec![5; 100], 2)).unwrap_err();
+    let err = e
+        .admit(GenerationRequest::new(vec![5; 100], 2))
+        .unwrap_err();
     assert!(matches!(err, EngineError::KvCapacity { .. }), "{err}");
     assert!(err.to_string().contains("--kv-cache-bytes"), "{err}");
     let err = e.admit(GenerationRequest::new(vec![], 2)).unwrap_err();
@@ -273,12 +287,16 @@ fn limits_are_refused_at_admission_naming_them() {
 #[test]
 fn requests_a_forward_would_refuse_are_refused_alone_at_admission() {
     let mut e = engine("tiny-27b-text", KvCacheConfig::default(), sched(64, 4));
-    let good = e.admit(GenerationRequest::new(vec![2, 5, 6, 7], 3)).unwrap();
+    let good = e
+        .admit(GenerationRequest::new(vec![2, 5, 6, 7], 3))
+        .unwrap();
     let mut r = GenerationRequest::new(vec![2, 5, 6, 7], 8);
     r.image_embeds = Some(Tensor::zeros((1, 8), candle_core::DType::F32, &Device::Cpu).unwrap());
     let err = e.admit(r).unwrap_err();
     assert!(err.to_string().contains("image"), "{err}");
-    let err = e.admit(GenerationRequest::new(vec![2, 100_000], 3)).unwrap_err();
+    let err = e
+        .admit(GenerationRequest::new(vec![2, 100_000], 3))
+        .unwrap_err();
     assert!(err.to_string().contains("vocabulary"), "{err}");
     // The batch the bad requests would have joined runs as if they never came.
     let mut done = None;
@@ -292,4 +310,102 @@ fn requests_a_forward_would_refuse_are_refused_alone_at_admission() {
         }
     }
     assert_eq!(done, Some((good, 3)));
+}
+
+fn with_blocks(block_size: usize, prefix_caching: bool, model: &str) -> Engine {
+    engine(
+        model,
+        KvCacheConfig {
+            block_size,
+            ..KvCacheConfig::default()
+        },
+        SchedulerConfig {
+            prefix_caching,
+            ..sched(32, 64)
+        },
+    )
+}
+
+#[test]
+fn a_repeated_prefix_skips_its_prefill_and_changes_no_token() {
+    let reqs = sixteen();
+    for block_size in [4, 16] {
+        let mut off = with_blocks(block_size, false, "tiny-27b-text");
+        let want: Vec<Vec<u32>> = off
+            .generate_batch(&reqs, &mut |_| true)
+            .unwrap()
+            .into_iter()
+            .map(|o| o.unwrap().token_ids)
+            .collect();
+        assert_eq!(off.stats().prefix_hit_tokens, 0);
+        let mut on = with_blocks(block_size, true, "tiny-27b-text");
+        // Twice: the second round finds every prompt's full blocks cached.
+        for round in 0..2 {
+            let before = on.stats().prefix_hit_tokens;
+            let got = on.generate_batch(&reqs, &mut |_| true).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    &g.as_ref().unwrap().token_ids,
+                    w,
+                    "request {i}, round {round}"
+                );
+            }
+            let hits = on.stats().prefix_hit_tokens - before;
+            if round == 1 {
+                let full: usize = reqs
+                    .iter()
+                    .map(|r| (r.prompt_ids.len() - 1) / block_size * block_size)
+                    .sum();
+                assert_eq!(
+                    hits as usize, full,
+                    "every full prompt block hit (bs {block_size})"
+                );
+            }
+        }
+        assert_eq!(on.kv_bytes_in_use(), 0, "cached blocks are not in use");
+    }
+}
+
+#[test]
+fn image_prompts_share_a_prefix_only_with_the_same_image() {
+    let c = case("tiny-4b", "image_chat");
+    let prompt = ids(&c["prompt_ids"]);
+    let want = ids(&c["greedy_ids"]);
+    let feats = candle_core::safetensors::load(fixture("tiny-4b/golden.safetensors"), &Device::Cpu)
+        .unwrap()
+        .remove("image_chat.image_features")
+        .unwrap();
+    let other = feats.affine(-4.0, 1.0).unwrap();
+    let req = |f: &Tensor| {
+        let mut r = GenerationRequest::new(prompt.clone(), want.len());
+        r.ignore_eos = true;
+        r.image_embeds = Some(f.clone());
+        r
+    };
+    let mut alone = with_blocks(4, false, "tiny-4b");
+    let other_want = alone
+        .generate(&req(&other), &mut |_| true)
+        .unwrap()
+        .token_ids;
+    assert_ne!(other_want, want, "another image gives other tokens");
+    let mut e = with_blocks(4, true, "tiny-4b");
+    assert_eq!(
+        e.generate(&req(&feats), &mut |_| true).unwrap().token_ids,
+        want
+    );
+    let before = e.stats().prefix_hit_tokens;
+    assert_eq!(
+        e.generate(&req(&other), &mut |_| true).unwrap().token_ids,
+        other_want
+    );
+    assert_eq!(
+        e.stats().prefix_hit_tokens,
+        before,
+        "no block shared across images"
+    );
+    assert_eq!(
+        e.generate(&req(&feats), &mut |_| true).unwrap().token_ids,
+        want
+    );
+    assert!(e.stats().prefix_hit_tokens > before, "the same image hits");
 }

@@ -4,15 +4,26 @@
 //! different rows: a sliding layer frees every block that no future query can see (so its
 //! memory is bounded by the window), a global layer grows with the sequence. Nothing is
 //! preallocated for the model's maximum context: blocks are made when first needed and
-//! recycled through a free list. The batching scheduler builds paging and prefix sharing on
-//! these block tables.
+//! recycled through a free list.
+//!
+//! Prefix caching (when switched on): every full block is keyed by a chained hash of the token
+//! ids up to its end (salted, for a sequence with images, by a hash of its image embeddings),
+//! as vLLM's automatic prefix caching keys its blocks. A finished sequence's hashed blocks stay
+//! cached; a new sequence whose prompt starts with the same blocks attaches them read-only
+//! (reference-counted) and skips their prefill. Cached blocks no sequence uses are evicted,
+//! least recently used first, when blocks run out.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use sha2::{Digest, Sha256};
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{LayerType, TextConfig};
 use crate::error::{ModelError, Result};
+
+/// Without a byte limit, the most bytes of cached prefix blocks that no sequence holds.
+pub const UNBOUNDED_PREFIX_CACHE_BYTES: usize = 1 << 30;
 
 /// Rows per block unless configured otherwise.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -42,8 +53,72 @@ struct BlockStore {
     layers: Vec<usize>,
     /// Per block id: per layer of this kind, (k, v) each `[kv_heads, block_size, head_dim]`.
     blocks: Vec<Vec<(Tensor, Tensor)>>,
+    /// Per block id: sequences holding it, its prefix hash when cached, its LRU tick.
+    meta: Vec<BlockMeta>,
     free: Vec<usize>,
     in_use: usize,
+    /// Prefix hash -> block id, for every cached block.
+    cached: HashMap<u128, usize>,
+    /// Cached blocks no sequence holds, oldest release first: tick -> block id.
+    lru: BTreeMap<u64, usize>,
+}
+
+impl BlockStore {
+    fn new() -> Self {
+        Self {
+            layers: Vec::new(),
+            blocks: Vec::new(),
+            meta: Vec::new(),
+            free: Vec::new(),
+            in_use: 0,
+            cached: HashMap::new(),
+            lru: BTreeMap::new(),
+        }
+    }
+
+    /// One more holder of block `id`.
+    fn hold(&mut self, id: usize) {
+        let m = &mut self.meta[id];
+        if m.refs == 0 {
+            self.in_use += 1;
+            self.lru.remove(&m.tick);
+        }
+        m.refs += 1;
+    }
+
+    /// One holder fewer; an unheld block goes to the LRU list when cached, else to the free
+    /// list.
+    fn unhold(&mut self, id: usize, tick: &mut u64) {
+        let m = &mut self.meta[id];
+        m.refs -= 1;
+        if m.refs > 0 {
+            return;
+        }
+        self.in_use -= 1;
+        if m.hash.is_some() {
+            *tick += 1;
+            m.tick = *tick;
+            self.lru.insert(m.tick, id);
+        } else {
+            self.free.push(id);
+        }
+    }
+
+    /// Takes the least recently used cached block out of the cache (unheld, unhashed).
+    fn evict(&mut self) -> Option<usize> {
+        let (_, id) = self.lru.pop_first()?;
+        if let Some(h) = self.meta[id].hash.take() {
+            self.cached.remove(&h);
+        }
+        Some(id)
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct BlockMeta {
+    refs: u32,
+    hash: Option<u128>,
+    tick: u64,
 }
 
 /// A block of one sequence's table: the block id and the position of its first row.
@@ -60,6 +135,11 @@ pub struct SequenceKv {
     /// Index 0: sliding layers, 1: global layers.
     tables: [VecDeque<BlockRef>; 2],
     released: bool,
+    /// Prefix hashing: the salt (0: none), the hash of the last full block, and the tokens of
+    /// the block being filled.
+    salt: u128,
+    last_hash: u128,
+    partial: Vec<u32>,
 }
 
 impl SequenceKv {
@@ -91,6 +171,20 @@ pub struct KvCache {
     /// Model layer index -> (store index, index within store).
     layer_slot: Vec<(usize, usize)>,
     stores: [BlockStore; 2],
+    prefix_caching: bool,
+    tick: u64,
+}
+
+/// The chained hash of one block: the previous block's hash, the salt and the block's tokens.
+fn block_hash(prev: u128, salt: u128, tokens: &[u32]) -> u128 {
+    let mut h = Sha256::new();
+    h.update(prev.to_le_bytes());
+    h.update(salt.to_le_bytes());
+    for t in tokens {
+        h.update(t.to_le_bytes());
+    }
+    let d = h.finalize();
+    u128::from_le_bytes(d[..16].try_into().expect("32-byte digest"))
 }
 
 fn kind_index(t: LayerType) -> usize {
@@ -103,20 +197,7 @@ fn kind_index(t: LayerType) -> usize {
 impl KvCache {
     /// An empty cache for a model; no memory is allocated until sequences need it.
     pub fn new(text: &TextConfig, dtype: DType, device: &Device, cfg: KvCacheConfig) -> Self {
-        let mut stores = [
-            BlockStore {
-                layers: Vec::new(),
-                blocks: Vec::new(),
-                free: Vec::new(),
-                in_use: 0,
-            },
-            BlockStore {
-                layers: Vec::new(),
-                blocks: Vec::new(),
-                free: Vec::new(),
-                in_use: 0,
-            },
-        ];
+        let mut stores = [BlockStore::new(), BlockStore::new()];
         let mut layer_slot = Vec::with_capacity(text.num_hidden_layers);
         for i in 0..text.num_hidden_layers {
             let s = kind_index(text.layer_type(i));
@@ -135,7 +216,77 @@ impl KvCache {
             window: text.sliding_window,
             layer_slot,
             stores,
+            prefix_caching: false,
+            tick: 0,
         }
+    }
+
+    /// Switches prefix caching on or off (off by default).
+    pub fn set_prefix_caching(&mut self, on: bool) {
+        self.prefix_caching = on;
+    }
+
+    /// Whether prefix caching is on.
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix_caching
+    }
+
+    /// A new, empty sequence whose block hashes are salted (by its images; 0: no salt).
+    pub fn new_salted_sequence(&self, salt: u128) -> SequenceKv {
+        SequenceKv {
+            salt,
+            ..SequenceKv::default()
+        }
+    }
+
+    /// The chained hashes of the full blocks of `tokens` (what [`KvCache::attach_prefix`]
+    /// looks up).
+    pub fn prefix_hashes(&self, tokens: &[u32], salt: u128) -> Vec<u128> {
+        let mut prev = 0;
+        tokens
+            .chunks_exact(self.cfg.block_size)
+            .map(|b| {
+                prev = block_hash(prev, salt, b);
+                prev
+            })
+            .collect()
+    }
+
+    /// Attaches the longest cached prefix of `hashes` (a fresh sequence's prompt blocks) to
+    /// `seq`, read-only, and returns the positions it covers (0 when prefix caching is off or
+    /// nothing matches). Sliding layers need the blocks of the window before the prefix's end.
+    pub fn attach_prefix(&mut self, seq: &mut SequenceKv, hashes: &[u128]) -> usize {
+        if !self.prefix_caching || seq.len != 0 || seq.blocks() != 0 {
+            return 0;
+        }
+        let bs = self.cfg.block_size;
+        let has = |s: usize, j: usize, st: &[BlockStore; 2]| {
+            st[s].layers.is_empty() || st[s].cached.contains_key(&hashes[j])
+        };
+        let mut k = 0;
+        while k < hashes.len() && has(1, k, &self.stores) {
+            k += 1;
+        }
+        let first_sliding = |k: usize| ((k * bs + 1).saturating_sub(self.window) / bs).min(k - 1);
+        while k > 0 && !(first_sliding(k)..k).all(|j| has(0, j, &self.stores)) {
+            k -= 1;
+        }
+        if k == 0 {
+            return 0;
+        }
+        for (s, from) in [(0, first_sliding(k)), (1, 0)] {
+            if self.stores[s].layers.is_empty() {
+                continue;
+            }
+            for (j, h) in hashes.iter().enumerate().take(k).skip(from) {
+                let id = self.stores[s].cached[h];
+                self.stores[s].hold(id);
+                seq.tables[s].push_back(BlockRef { id, start: j * bs });
+            }
+        }
+        seq.len = k * bs;
+        seq.last_hash = hashes[k - 1];
+        k * bs
     }
 
     /// Rows per block.
@@ -229,6 +380,7 @@ impl KvCache {
             while let Some(last) = st.blocks.len().checked_sub(1) {
                 if free.contains(&last) {
                     st.blocks.pop();
+                    st.meta.pop();
                 } else {
                     break;
                 }
@@ -256,13 +408,27 @@ impl KvCache {
     }
 
     fn alloc(&mut self, s: usize) -> Result<usize> {
+        let block = self.store_block_bytes(s);
+        let mut over = false;
         if let Some(max) = self.cfg.max_bytes {
-            let need = self.bytes_in_use() + self.store_block_bytes(s);
-            if need > max {
+            if self.bytes_in_use() + block > max {
                 return Err(ModelError::Limit(format!(
                     "KV cache is full: {} bytes in use, limit {max} bytes",
                     self.bytes_in_use()
                 )));
+            }
+            over = self.bytes_allocated() + block > max;
+        }
+        // A free block; else, when new memory would pass the limit, the least recently used
+        // cached block (of this kind, or the other kind's memory given back).
+        let mut id = self.stores[s].free.pop();
+        if id.is_none() && over {
+            id = self.stores[s].evict();
+            if id.is_none()
+                && let Some(other) = self.stores[1 - s].evict()
+            {
+                self.stores[1 - s].blocks[other].clear();
+                self.stores[1 - s].free.push(other);
             }
         }
         let (kv_heads, bs, hd, dtype) = (
@@ -284,7 +450,7 @@ impl KvCache {
                 })
                 .collect()
         };
-        let id = match st.free.pop() {
+        let id = match id {
             Some(id) => {
                 if st.blocks[id].is_empty() {
                     st.blocks[id] = make()?;
@@ -293,10 +459,11 @@ impl KvCache {
             }
             None => {
                 st.blocks.push(make()?);
+                st.meta.push(BlockMeta::default());
                 st.blocks.len() - 1
             }
         };
-        st.in_use += 1;
+        st.hold(id);
         Ok(id)
     }
 
@@ -383,19 +550,49 @@ impl KvCache {
         Ok((k, v, first))
     }
 
-    /// Marks `n` more positions as cached and frees sliding blocks no future query can see.
-    pub fn commit(&mut self, seq: &mut SequenceKv, n: usize) {
-        seq.len += n;
+    /// Marks the positions of `tokens` (written by the forward call) as cached, keys the blocks
+    /// they fill when prefix caching is on, and frees sliding blocks no future query can see.
+    pub fn commit(&mut self, seq: &mut SequenceKv, tokens: &[u32]) {
         let bs = self.cfg.block_size;
+        if self.prefix_caching {
+            for (i, &t) in tokens.iter().enumerate() {
+                seq.partial.push(t);
+                if seq.partial.len() == bs {
+                    let h = block_hash(seq.last_hash, seq.salt, &seq.partial);
+                    let start = seq.len + i + 1 - bs;
+                    self.register(seq, start, h);
+                    seq.last_hash = h;
+                    seq.partial.clear();
+                }
+            }
+        }
+        seq.len += tokens.len();
         // The next query is at position seq.len; it sees keys k > seq.len - window.
         let min_visible = (seq.len + 1).saturating_sub(self.window);
         while let Some(b) = seq.tables[0].front().copied() {
             if b.start + bs <= min_visible && seq.tables[0].len() > 1 {
                 seq.tables[0].pop_front();
-                self.stores[0].free.push(b.id);
-                self.stores[0].in_use -= 1;
+                self.stores[0].unhold(b.id, &mut self.tick);
             } else {
                 break;
+            }
+        }
+        self.bound_cache();
+    }
+
+    /// Keys the block of each kind that starts at `start` by `hash`, unless an equal block is
+    /// cached already.
+    fn register(&mut self, seq: &SequenceKv, start: usize, hash: u128) {
+        for (s, table) in seq.tables.iter().enumerate() {
+            let st = &mut self.stores[s];
+            if st.layers.is_empty() || st.cached.contains_key(&hash) {
+                continue;
+            }
+            if let Some(b) = table.iter().find(|b| b.start == start)
+                && st.meta[b.id].hash.is_none()
+            {
+                st.meta[b.id].hash = Some(hash);
+                st.cached.insert(hash, b.id);
             }
         }
     }
@@ -404,12 +601,37 @@ impl KvCache {
     pub fn release(&mut self, seq: &mut SequenceKv) {
         for s in 0..2 {
             while let Some(b) = seq.tables[s].pop_front() {
-                self.stores[s].free.push(b.id);
-                self.stores[s].in_use -= 1;
+                self.stores[s].unhold(b.id, &mut self.tick);
             }
         }
         seq.released = true;
         seq.len = 0;
+        seq.partial.clear();
+        seq.last_hash = 0;
+        self.bound_cache();
+    }
+
+    /// Without a byte limit, unheld cached blocks are kept up to [`UNBOUNDED_PREFIX_CACHE_BYTES`]
+    /// (oldest given back first); with one, they are evicted when blocks run out.
+    fn bound_cache(&mut self) {
+        if self.cfg.max_bytes.is_some() {
+            return;
+        }
+        let cached =
+            |st: &[BlockStore; 2], b: [usize; 2]| st[0].lru.len() * b[0] + st[1].lru.len() * b[1];
+        let bytes = [self.store_block_bytes(0), self.store_block_bytes(1)];
+        while cached(&self.stores, bytes) > UNBOUNDED_PREFIX_CACHE_BYTES {
+            let oldest = |s: usize| self.stores[s].lru.first_key_value().map(|(t, _)| *t);
+            let s = match (oldest(0), oldest(1)) {
+                (Some(a), Some(b)) => usize::from(b < a),
+                (Some(_), None) => 0,
+                (None, _) => 1,
+            };
+            if let Some(id) = self.stores[s].evict() {
+                self.stores[s].blocks[id].clear();
+                self.stores[s].free.push(id);
+            }
+        }
     }
 }
 
@@ -478,7 +700,7 @@ mod tests {
             for layer in 0..2 {
                 kv.write(&s, layer, &rows(start, n), &rows(start, n))?;
             }
-            kv.commit(&mut s, n);
+            kv.commit(&mut s, &vec![0; n]);
         }
         let (k, _, first) = kv.gather(&s, 1, 12)?;
         assert_eq!(first, 0);
@@ -511,7 +733,7 @@ mod tests {
             for layer in 0..2 {
                 kv.write(&s, layer, &rows(p, 1), &rows(p, 1))?;
             }
-            kv.commit(&mut s, 1);
+            kv.commit(&mut s, &[0]);
             // The next query (position p + 1) must still see p + 1 - 4 ..= p.
             let (k, _, first) = kv.gather(&s, 0, p + 1)?;
             let lo = (p + 2).saturating_sub(5);

@@ -159,7 +159,10 @@ impl Attention {
         for (bi, mask) in masks.blocks.iter().enumerate() {
             let r0 = bi * masks.rows;
             let m = masks.rows.min(n - r0);
-            let qi = q.narrow(1, r0, m)?.contiguous()?.reshape((nkv, g * m, hd))?;
+            let qi = q
+                .narrow(1, r0, m)?
+                .contiguous()?
+                .reshape((nkv, g * m, hd))?;
             let scores = (qi.matmul(&kt)? * self.scale)?
                 .to_dtype(DType::F32)?
                 .reshape((nkv, g, m, l))?;

@@ -601,7 +601,7 @@ impl Gemma3 {
             }
         }
         for item in batch.iter_mut() {
-            kv.commit(item.kv, item.tokens.len());
+            kv.commit(item.kv, item.tokens);
         }
         self.logits(&h, &ctx, batch)
     }
@@ -712,7 +712,11 @@ impl Gemma3 {
         let logits = self.lm_head.forward(&sel)?.to_dtype(DType::F32)?;
         spans
             .into_iter()
-            .map(|(start, len)| Ok((len > 0).then(|| logits.narrow(0, start, len)).transpose()?))
+            .map(|(start, len)| {
+                Ok((len > 0)
+                    .then(|| logits.narrow(0, start, len))
+                    .transpose()?)
+            })
             .collect()
     }
 }

@@ -59,6 +59,10 @@ pub struct GeneratorArgs {
     /// The longest prompt accepted, in tokens (default: the model's context length).
     #[arg(long, env = "MEDGEMMA_MAX_INPUT_TOKENS")]
     pub max_input_tokens: Option<usize>,
+    /// Reuse the KV blocks of prompt prefixes seen before (`--prefix-caching false` turns it
+    /// off).
+    #[arg(long, env = "MEDGEMMA_PREFIX_CACHING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_caching: bool,
     /// Token budget of a request that sets no `max_new_tokens`.
     #[arg(long, env = "MEDGEMMA_DEFAULT_MAX_NEW_TOKENS", default_value_t = 512)]
     pub default_max_new_tokens: u32,
@@ -173,6 +177,7 @@ impl GeneratorArgs {
                 max_running: self.max_running,
                 max_batch_tokens: self.max_batch_tokens,
                 max_input_tokens: self.max_input_tokens,
+                prefix_caching: self.prefix_caching,
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
         }

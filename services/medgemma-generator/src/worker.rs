@@ -148,15 +148,24 @@ impl Scheduler {
                 self.accept(job);
             }
             self.drop_dead();
+            self.publish();
             if self.engine.has_work() {
                 self.step();
             }
-            *self.stats.engine.lock().unwrap_or_else(|p| p.into_inner()) = self.engine.stats();
         }
     }
 
+    /// The engine's figures for `Stats`, published before any caller hears of a step.
+    fn publish(&self) {
+        *self.stats.engine.lock().unwrap_or_else(|p| p.into_inner()) = self.engine.stats();
+    }
+
     /// Answers a job and forgets it.
-    fn answer(&mut self, events: &mpsc::UnboundedSender<Event>, result: Result<Finished, JobError>) {
+    fn answer(
+        &mut self,
+        events: &mpsc::UnboundedSender<Event>,
+        result: Result<Finished, JobError>,
+    ) {
         // The caller may be gone by now; nothing to do then.
         let _ = events.send(Event::Done(result));
         self.stats.in_system.fetch_sub(1, Ordering::Relaxed);
@@ -228,7 +237,9 @@ impl Scheduler {
     }
 
     fn step(&mut self) {
-        let events = match std::panic::catch_unwind(AssertUnwindSafe(|| self.engine.step())) {
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.engine.step()));
+        self.publish();
+        let events = match result {
             Ok(Ok(events)) => events,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "a step failed; failing the jobs it held");
