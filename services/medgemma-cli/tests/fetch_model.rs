@@ -218,18 +218,16 @@ fn handle(stream: TcpStream, seen: &Mutex<Vec<Seen>>, state: &State) {
     } else {
         return respond(&stream, "404 Not Found", &[], b"");
     };
-    if via_resolve {
-        if let Some((status, msg)) = gate(true) {
-            return respond(
-                &stream,
-                status,
-                &[
-                    ("X-Error-Code", "GatedRepo".into()),
-                    ("X-Error-Message", msg),
-                ],
-                b"",
-            );
-        }
+    if via_resolve && let Some((status, msg)) = gate(true) {
+        return respond(
+            &stream,
+            status,
+            &[
+                ("X-Error-Code", "GatedRepo".into()),
+                ("X-Error-Message", msg),
+            ],
+            b"",
+        );
     }
     let Some(f) = files.iter().find(|f| f.path == file_path).cloned() else {
         return respond(
@@ -257,20 +255,20 @@ fn handle(stream: TcpStream, seen: &Mutex<Vec<Seen>>, state: &State) {
         .and_then(|r| r.strip_prefix("bytes="))
         .and_then(|r| r.strip_suffix('-'))
         .and_then(|r| r.parse::<usize>().ok());
-    if let Some((p, n)) = behaviour.drop_after.clone() {
-        if p == f.path {
-            behaviour.drop_after = None;
-            let mut s = &stream;
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-                content.len()
-            );
-            let _ = s.write_all(head.as_bytes());
-            let _ = s.write_all(&content[..n]);
-            let _ = s.flush();
-            let _ = stream.shutdown(std::net::Shutdown::Both);
-            return;
-        }
+    if let Some((p, n)) = behaviour.drop_after.clone()
+        && p == f.path
+    {
+        behaviour.drop_after = None;
+        let mut s = &stream;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            content.len()
+        );
+        let _ = s.write_all(head.as_bytes());
+        let _ = s.write_all(&content[..n]);
+        let _ = s.flush();
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        return;
     }
     match from {
         Some(from) if from < content.len() => {
