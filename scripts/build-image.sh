@@ -14,7 +14,7 @@
 #                          /etc/passwd with the service user, /tmp. The binaries are built on
 #                          this Debian 12 machine, the same glibc as distroless cc-debian12.
 # --profile dev reuses the test build (scripts/test.sh) and takes seconds; release (the
-# default) is what you would ship. --save writes an OCI archive (podman load / kind load
+# default) is what you would ship. --save writes an image archive (podman load / kind load
 # image-archive).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -154,7 +154,7 @@ buildah umount "$ctr" >/dev/null
 size=$(buildah images --format '{{.Size}}' "$image" | head -1)
 if [ -n "$save" ]; then
   rm -f "$save"
-  buildah push -q "$image" "oci-archive:$save:$image" >/dev/null
+  buildah push -q "$image" "docker-archive:$save:$image" >/dev/null
   echo "saved $save" >&2
 fi
 echo "built $image ($size)"
