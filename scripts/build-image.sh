@@ -103,6 +103,7 @@ buildah config --created-by "scripts/build-image.sh (ldd layout)" "$ctr"
 buildah commit -q "$ctr" "$base" >/dev/null
 
 echo "== buildah bud deploy/images/Containerfile.cpu -> $image" >&2
+dangling_before=$(buildah images -q --filter dangling=true | sort -u)
 buildah bud -q --layers=false \
   --build-arg BINARIES=prebuilt \
   --build-arg RUNTIME_IMAGE="$base" \
@@ -110,6 +111,14 @@ buildah bud -q --layers=false \
   --build-arg REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)" \
   --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
   -f deploy/images/Containerfile.cpu -t "$image" "$work/ctx" >/dev/null
+# The intermediate stage images this build left (untagged), not anyone else's.
+# (buildah 1.28 keeps a working container of the `FROM ${BINARIES}` stage: remove it first.)
+for id in $(comm -13 <(echo "$dangling_before") <(buildah images -q --filter dangling=true | sort -u)); do
+  buildah containers --format '{{.ContainerID}} {{.ImageID}}' | while read -r c img; do
+    case "$img" in "$id"*) buildah rm "$c" >/dev/null 2>&1 || true ;; esac
+  done
+  buildah rmi "$id" >/dev/null 2>&1 || true
+done
 
 echo "== checks on $image" >&2
 config=$(buildah inspect --type image "$image")
@@ -133,8 +142,9 @@ if problems:
 print(f"  user {oci['User']}, {len(labels)} OCI labels, no HEALTHCHECK")
 PY
 
-# The image's own root filesystem, mounted read-only in effect: each binary runs from it as
-# the service user (a container where the machine allows one is not needed for --help).
+# Each binary runs from the image's own root filesystem: in a container (`buildah run` with
+# chroot isolation: the image's user, environment and filesystem) where the machine allows
+# it, else by chroot into the mounted image as UID 10001.
 ctr=$(buildah from -q "$image")
 ctrs+=("$ctr")
 mnt=$(buildah mount "$ctr")
@@ -142,13 +152,22 @@ if find "$mnt" -name '*.safetensors' -o -name '*.gguf' | grep -q .; then
   echo "error: model weights inside the image" >&2
   exit 1
 fi
+how="buildah run --isolation chroot"
+if ! buildah run --isolation chroot "$ctr" -- medgemma --version >/dev/null 2>&1; then
+  how="chroot --userspec=10001:10001"
+fi
 for b in "${bins[@]}"; do
-  if ! out=$(chroot --userspec=10001:10001 "$mnt" "/usr/local/bin/$b" --help 2>&1); then
-    echo "error: $b --help failed inside the image:" >&2
+  if [ "$how" = "chroot --userspec=10001:10001" ]; then
+    out=$(chroot --userspec=10001:10001 "$mnt" "/usr/local/bin/$b" --help 2>&1) || rc=$?
+  else
+    out=$(buildah run --isolation chroot "$ctr" -- "$b" --help 2>&1) || rc=$?
+  fi
+  if [ "${rc:-0}" != 0 ] || ! grep -qi '^usage:' <<<"$out"; then
+    echo "error: $b --help failed inside the image ($how):" >&2
     echo "$out" >&2
     exit 1
   fi
-  echo "  $b --help: $(echo "$out" | grep -m1 -i '^usage:')" >&2
+  echo "  $b --help ($how): $(grep -m1 -i '^usage:' <<<"$out")" >&2
 done
 buildah umount "$ctr" >/dev/null
 size=$(buildah images --format '{{.Size}}' "$image" | head -1)
