@@ -146,6 +146,44 @@ def deployments_problems(docs):
     return problems
 
 
+def quantity(q):
+    """Bytes of a Kubernetes quantity (binary and decimal suffixes)."""
+    q = str(q)
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+             "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    for u in sorted(units, key=len, reverse=True):
+        if q.endswith(u):
+            return float(q[: -len(u)]) * units[u]
+    return float(q)
+
+
+def ephemeral_problems(docs):
+    """A pod's disk-backed emptyDirs must fit its ephemeral-storage limit (the kubelet evicts
+    a pod whose emptyDirs and logs exceed it): max(init limits, sum of container limits)."""
+    problems = []
+    for d in by_kind(docs, "Deployment"):
+        spec = d["spec"]["template"]["spec"]
+
+        def limit(c):
+            return quantity(c["resources"]["limits"].get("ephemeral-storage", 0))
+
+        pod_limit = max(
+            [limit(c) for c in spec.get("initContainers", [])]
+            + [sum(limit(c) for c in spec["containers"])]
+        )
+        dirs = sum(
+            quantity(v["emptyDir"]["sizeLimit"])
+            for v in spec.get("volumes", [])
+            if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
+        )
+        if dirs > pod_limit:
+            problems.append(
+                f"{d['metadata']['name']}: emptyDirs of {dirs / 2**30:.2f} GiB exceed the "
+                f"ephemeral-storage limit of {pod_limit / 2**30:.2f} GiB"
+            )
+    return problems
+
+
 def node_pool_terms(deployment):
     """{label: set of allowed values} a Deployment's pods require of their node."""
     spec = deployment["spec"]["template"]["spec"]
@@ -239,6 +277,11 @@ class Production(unittest.TestCase):
         for profile in PROFILES:
             with self.subTest(profile=profile):
                 self.assertEqual(deployments_problems(rendered(profile)), [])
+
+    def test_emptydirs_fit_the_ephemeral_storage_limits(self):
+        for profile in PROFILES:
+            with self.subTest(profile=profile):
+                self.assertEqual(ephemeral_problems(rendered(profile)), [])
 
     def test_gateway_points_at_the_headless_backend_services(self):
         for profile in PROFILES:
@@ -352,6 +395,11 @@ class TheChecksCatchBreakage(unittest.TestCase):
         self.assertTrue(any("livenessProbe" in p for p in problems), problems)
         self.assertTrue(any("no cpu limits" in p for p in problems), problems)
         self.assertTrue(any("PodDisruptionBudget" in p for p in problems), problems)
+
+    def test_an_emptydir_over_the_ephemeral_limit_is_caught(self):
+        docs = render("production", {"generators": {"text": {
+            "quantize": "q4k", "cacheSizeLimit": "20Gi"}}})
+        self.assertTrue(any("generator-text" in p for p in ephemeral_problems(docs)))
 
     def test_schema_errors_are_caught(self):
         docs = copy.deepcopy(rendered("production"))

@@ -323,7 +323,7 @@ spec:
             sizeLimit: 256Mi
         - name: cache
           emptyDir:
-            sizeLimit: {{ $root.Values.cache.sizeLimit }}
+            sizeLimit: {{ default $root.Values.cache.sizeLimit $c.cacheSizeLimit }}
         {{- if gt $gpu 0 }}
         - name: dshm
           emptyDir:
