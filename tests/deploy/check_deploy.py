@@ -9,9 +9,10 @@
 3. runs checkov's Kubernetes checks on both renders: any failed check fails, and so does a
    skip (`checkov.io/skipN: ID=reason` annotation) without a reason;
 4. the policy tests below (unittest): the production text and multimodal pools land on
-   different node pools, every Deployment has probes, requests and limits and a PDB, ...
+   different node pools, every Deployment has probes, requests and limits and a PDB, every
+   rendered command line parses with this checkout's binaries (--binaries), ...
 
-    check_deploy.py --kube-version 1.35.0 --out DIR
+    check_deploy.py --kube-version 1.35.0 --out DIR [--binaries TARGET/debug]
 """
 import argparse
 import copy
@@ -181,6 +182,25 @@ def ephemeral_problems(docs):
                 f"{d['metadata']['name']}: emptyDirs of {dirs / 2**30:.2f} GiB exceed the "
                 f"ephemeral-storage limit of {pod_limit / 2**30:.2f} GiB"
             )
+    return problems
+
+
+def flag_problems(docs, bindir):
+    """Every container's command line, run against this checkout's binaries with --help
+    appended: clap parses (and value-checks) every flag before it prints the help, so an
+    unknown flag or a bad value fails. Env values are passed as the pod would."""
+    problems = []
+    for d in by_kind(docs, "Deployment"):
+        spec = d["spec"]["template"]["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+            env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+            argv = [str(pathlib.Path(bindir) / c["command"][0])] + c.get("args", []) + ["--help"]
+            r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+            if r.returncode != 0:
+                err = (r.stderr or r.stdout).strip().splitlines()
+                problems.append(f"{d['metadata']['name']}/{c['name']}: {' '.join(argv[1:-1])}: "
+                                f"{err[0] if err else r.returncode}")
     return problems
 
 
@@ -359,6 +379,25 @@ class Production(unittest.TestCase):
         self.assertEqual(validate(pre, KUBE_VERSION), [])
 
 
+BINARIES = None
+
+
+class Flags(unittest.TestCase):
+    def test_every_command_line_parses_with_the_binaries_of_this_checkout(self):
+        if BINARIES is None:
+            self.skipTest("no --binaries given")
+        for profile in PROFILES:
+            with self.subTest(profile=profile):
+                self.assertEqual(flag_problems(rendered(profile), BINARIES), [])
+
+    def test_an_unknown_flag_is_caught(self):
+        if BINARIES is None:
+            self.skipTest("no --binaries given")
+        docs = render("dev", {"generators": {"text": {"extraArgs": ["--no-such-flag"]}}})
+        problems = flag_problems(docs, BINARIES)
+        self.assertTrue(any("generator-text" in p and "--no-such-flag" in p for p in problems), problems)
+
+
 class Dev(unittest.TestCase):
     def test_dev_is_cpu_only_one_replica_each_on_the_demo(self):
         docs = rendered("dev")
@@ -416,7 +455,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kube-version", default=KUBE_VERSION)
     ap.add_argument("--out", required=True, help="where the renders and reports go")
+    ap.add_argument("--binaries", help="a directory with the five binaries: check every rendered "
+                    "command line against them")
     args = ap.parse_args()
+    global BINARIES
+    BINARIES = args.binaries
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -454,8 +497,9 @@ def main():
         unittest.defaultTestLoader.loadTestsFromModule(sys.modules[__name__])
     )
     failures += len(result.failures) + len(result.errors)
-    print(f"chart tests: {result.testsRun - len(result.failures) - len(result.errors)} passed, "
-          f"{len(result.failures) + len(result.errors)} failed")
+    failed_n = len(result.failures) + len(result.errors)
+    print(f"chart tests: {result.testsRun - failed_n - len(result.skipped)} passed, {failed_n} failed"
+          + (f", {len(result.skipped)} skipped" if result.skipped else ""))
     sys.exit(1 if failures else 0)
 
 
