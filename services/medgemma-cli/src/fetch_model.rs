@@ -272,7 +272,7 @@ fn fetch_file(hub: &Hub, commit: &str, dir: &Path, e: &Entry) -> anyhow::Result<
     Ok(transferred)
 }
 
-/// Is the final file there, complete and verified? A wrong one is removed.
+/// Is the final file there, complete and verified? (A wrong one is replaced by the download.)
 fn already_there(dest: &Path, e: &Entry) -> anyhow::Result<bool> {
     let ok = match &e.expected {
         // The stamp (same size and mtime as when it was verified) spares hashing 50 GB again.
