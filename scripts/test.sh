@@ -32,6 +32,7 @@ with zipfile.ZipFile(glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]) as z:
 PY
   rm -rf "$tmp"
 fi
+bash scripts/check-deploy.sh  # deploy/: hadolint, Helm renders, schemas, checkov, chart tests
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 # The vision tower again without our SIMD kernels (no fused attention, portable softmax/GELU):

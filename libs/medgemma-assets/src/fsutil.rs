@@ -48,7 +48,7 @@ impl<W: Write> Write for HashingWriter<W> {
 }
 
 /// sha256 of a whole file, streamed.
-pub(crate) fn sha256_file(path: &Path) -> Result<String, AssetError> {
+pub fn sha256_file(path: &Path) -> Result<String, AssetError> {
     let mut f = File::open(path).map_err(|e| AssetError::io(path, e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -63,7 +63,7 @@ pub(crate) fn sha256_file(path: &Path) -> Result<String, AssetError> {
 }
 
 /// Error unless `actual == expected` (hex, case-insensitive).
-pub(crate) fn check_sha256(file: &str, expected: &str, actual: &str) -> Result<(), AssetError> {
+pub fn check_sha256(file: &str, expected: &str, actual: &str) -> Result<(), AssetError> {
     if expected.eq_ignore_ascii_case(actual) {
         Ok(())
     } else {
@@ -89,7 +89,7 @@ fn stamp_line(meta: &fs::Metadata, sha256: &str) -> Option<String> {
 }
 
 /// Record that `path` (as it is now) hashes to `sha256`. Best effort: a stamp only saves time.
-pub(crate) fn write_stamp(path: &Path, sha256: &str) {
+pub fn write_stamp(path: &Path, sha256: &str) {
     let Ok(meta) = fs::metadata(path) else { return };
     let Some(line) = stamp_line(&meta, sha256) else {
         return;
@@ -103,12 +103,7 @@ pub(crate) fn write_stamp(path: &Path, sha256: &str) {
 ///
 /// Missing or wrong size: no. Right size and `!verify`: yes. Otherwise its sha256 must match,
 /// taken from a fresh `<file>.sha256` stamp (same size and mtime) or by hashing it.
-pub(crate) fn existing_ok(
-    path: &Path,
-    size: u64,
-    sha256: &str,
-    verify: bool,
-) -> Result<bool, AssetError> {
+pub fn existing_ok(path: &Path, size: u64, sha256: &str, verify: bool) -> Result<bool, AssetError> {
     let meta = match fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),

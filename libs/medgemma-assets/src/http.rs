@@ -43,22 +43,30 @@ enum Fail {
     Fatal(AssetError),
 }
 
+/// The HTTP agent every download uses: rustls with the platform verifier (the OS trust store,
+/// so TLS-intercepting proxies with their own CA work), the proxy variables, bounded
+/// resolve/connect/response/read timeouts, and HTTP statuses returned rather than raised.
+/// `user_agent` names the caller, e.g. `medgemma-fetch-model/0.1.0`.
+pub fn agent(user_agent: &str) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_resolve(Some(Duration::from_secs(15)))
+        .timeout_connect(Some(Duration::from_secs(15)))
+        .timeout_recv_response(Some(Duration::from_secs(60)))
+        .timeout_per_read(Some(Duration::from_secs(60)))
+        .user_agent(user_agent)
+        .tls_config(
+            TlsConfig::builder()
+                .root_certs(RootCerts::PlatformVerifier)
+                .build(),
+        )
+        .build()
+        .into()
+}
+
 impl Http {
     pub(crate) fn new(progress: bool) -> Self {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_resolve(Some(Duration::from_secs(15)))
-            .timeout_connect(Some(Duration::from_secs(15)))
-            .timeout_recv_response(Some(Duration::from_secs(60)))
-            .timeout_per_read(Some(Duration::from_secs(60)))
-            .user_agent(concat!("medgemma-assets/", env!("CARGO_PKG_VERSION")))
-            .tls_config(
-                TlsConfig::builder()
-                    .root_certs(RootCerts::PlatformVerifier)
-                    .build(),
-            )
-            .build()
-            .into();
+        let agent = agent(concat!("medgemma-assets/", env!("CARGO_PKG_VERSION")));
         Self {
             agent,
             progress: progress && io::stderr().is_terminal(),

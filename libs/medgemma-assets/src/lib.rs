@@ -29,6 +29,13 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha512};
 
 pub use error::AssetError;
+pub use http::agent as http_agent;
+
+/// File helpers shared with the other downloader, `medgemma fetch-model`: streamed sha256,
+/// `<file>.sha256` stamps that spare re-hashing a verified file, checksum errors.
+pub mod files {
+    pub use crate::fsutil::{check_sha256, existing_ok, sha256_file, write_stamp};
+}
 use fsutil::{HashingWriter, check_sha256, existing_ok, persist, temp_next_to, write_stamp};
 use http::{Ctx, Http, encode_segment, resolve_url};
 

@@ -1,6 +1,7 @@
 //! `medgemma`: the command-line entry point of medgemma-serve.
 //!
 //! Subcommands: `fetch-demo` (download and checksum the embedded demo model and tokenizer),
+//! `fetch-model` (download a Hugging Face model repository, checksummed and resumable),
 //! `generate` (run a prompt through a Gemma 3 / MedGemma model), `bench` (prefill and decode
 //! speed beside llama.cpp), and the gateway's clients `ask`, `summarize`, `mcq`, `report`.
 //! Logs go to stderr; `--json` output goes to stdout.
@@ -8,6 +9,7 @@
 mod bench;
 mod bench_vision;
 mod client;
+mod fetch_model;
 mod generate;
 mod up;
 
@@ -51,6 +53,9 @@ enum Command {
     /// Images/s of the 4B vision tower (SigLIP so400m + projector, random weights in the real
     /// shapes) beside transformers on the same checkpoint.
     BenchVision(bench_vision::BenchVisionArgs),
+    /// Download a Hugging Face model repository (e.g. google/medgemma-4b-it) into a directory:
+    /// HF_TOKEN for gated models, resumable, sha256-checked against the Hub's LFS metadata.
+    FetchModel(fetch_model::FetchModelArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,6 +98,7 @@ fn main() {
         Command::Report(a) => client::report(a),
         Command::Up(a) => up::run(*a),
         Command::BenchVision(a) => bench_vision::run(a),
+        Command::FetchModel(a) => fetch_model::run(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
