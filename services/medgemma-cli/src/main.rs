@@ -7,6 +7,7 @@
 //! Logs go to stderr; `--json` output goes to stdout.
 
 mod bench;
+mod bench_serve;
 mod bench_vision;
 mod client;
 mod fetch_model;
@@ -39,6 +40,9 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Measure prefill and decode tokens/s at batch 1, beside llama.cpp when it is present.
     Bench(bench::BenchArgs),
+    /// The generator under load: throughput, TTFT, TPOT and ITL at several concurrency levels,
+    /// and TTFT of a shared prompt prefix with prefix caching on and off.
+    BenchServe(bench_serve::BenchServeArgs),
     /// Ask the gateway a medical question (`ClinicalTasks.Ask`).
     Ask(client::AskArgs),
     /// Summarize a clinical note into typed fields (`ClinicalTasks.SummarizeClinicalNote`).
@@ -92,6 +96,7 @@ fn main() {
         Command::FetchDemo(a) => fetch_demo(a),
         Command::Generate(a) => generate::run(*a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchServe(a) => bench_serve::run(a),
         Command::Ask(a) => client::ask(a),
         Command::Summarize(a) => client::summarize(a),
         Command::Mcq(a) => client::mcq(a),
