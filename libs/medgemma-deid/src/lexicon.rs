@@ -249,7 +249,7 @@ pub const STATE_CODES: &[&str] = &[
 ];
 
 /// Common Taiwanese single-character surnames.
-pub const SURNAMES: &str = "陳林黃張李王吳劉蔡楊許鄭謝郭洪曾邱廖賴周徐蘇葉莊呂江何蕭羅高簡朱鍾施游詹沈彭胡余盧潘顏梁趙柯翁魏方孫戴范宋鄧杜侯曹薛丁卓阮馬董温溫唐藍石蔣古紀姚連歐馮程湯田康姜白汪鄒尤巫鐘黎涂龔嚴韓袁金童陸夏柳凃邵錢伍倪于譚駱熊任甘秦顧毛章史官萬俞雷粘饒闕凌崔尹孔辛武辜陶段龍韋葛池孟褚殷麥賀賈莫文管關向包丘梅利裴樊房全佘左花魯安鮑郝穆塗邢蒲成谷常閻練盛鄞耿聶符申祝繆陽解曲岳齊籃應單舒畢喬龎翟牛鄔留季覃卜項喻商滕焦車買虞苗戚牟雲巴艾樂臧司樓費屈宗幸衛尚靳祁諶桂沙欒宮刁時龐瞿隋";
+pub const SURNAMES: &str = "傅卞閔湛甯班藺陳林黃張李王吳劉蔡楊許鄭謝郭洪曾邱廖賴周徐蘇葉莊呂江何蕭羅高簡朱鍾施游詹沈彭胡余盧潘顏梁趙柯翁魏方孫戴范宋鄧杜侯曹薛丁卓阮馬董温溫唐藍石蔣古紀姚連歐馮程湯田康姜白汪鄒尤巫鐘黎涂龔嚴韓袁金童陸夏柳凃邵錢伍倪于譚駱熊任甘秦顧毛章史官萬俞雷粘饒闕凌崔尹孔辛武辜陶段龍韋葛池孟褚殷麥賀賈莫文管關向包丘梅利裴樊房全佘左花魯安鮑郝穆塗邢蒲成谷常閻練盛鄞耿聶符申祝繆陽解曲岳齊籃應單舒畢喬龎翟牛鄔留季覃卜項喻商滕焦車買虞苗戚牟雲巴艾樂臧司樓費屈宗幸衛尚靳祁諶桂沙欒宮刁時龐瞿隋";
 
 /// Two-character surnames.
 pub const COMPOUND_SURNAMES: &[&str] = &[
@@ -337,18 +337,6 @@ pub const NOT_NAMES: &[&str] = &[
     "Today",
     "Yesterday",
     "Tomorrow",
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
     "Monday",
     "Tuesday",
     "Wednesday",

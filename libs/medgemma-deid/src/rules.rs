@@ -43,13 +43,13 @@ struct ContextRule {
 }
 
 /// Separator between a context word and its value: `: `, ` number `, ` #`, `為`, ...
-const SEP: &str = r"[ \t]*(?:(?i:numbers?|nos?\.?|num\.?|#|ids?|is|was|of)[ \t]*)?(?:[:：#=]|為|是)?[ \t]*(?:#[ \t]*)?";
+const SEP: &str = r"[ \t]*(?:(?i:numbers?|nos?\.?|num\.?|#|ids?|is|was|of)[ \t]*)?(?:[:：#=(]|為|是)?[ \t]*(?:#[ \t]*)?";
 
 fn id_pattern(shape: IdShape) -> &'static str {
     match shape {
         IdShape::Code => r"[A-Za-z0-9][A-Za-z0-9\-/.]{2,30}",
         IdShape::Twelve => r"\d{4}[ \-]?\d{4}[ \-]?\d{4}",
-        IdShape::Plate => r"[A-Za-z0-9]{1,4}(?:[\- ][A-Za-z0-9]{1,5})?",
+        IdShape::Plate => r"[A-Za-z0-9]{1,8}(?:[\- ][A-Za-z0-9]{1,5})?",
         IdShape::PhoneNumber => {
             r"\+?[\d(][\d()\-. ]{5,18}\d(?:[ \t]*(?:x|ext\.?|#|分機)[ \t]*\d{1,5})?"
         }
@@ -289,7 +289,7 @@ impl Rules {
         Self {
             context,
             email: re(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"),
-            url: re(r#"(?i:https?://|ftp://|www\.)[^\s<>"'，。、；）)\]}]+"#),
+            url: re(r#"(?i:https?://|ftp://|www\.)[^\s<>"'，。、；）)\]}\p{Han}]+"#),
             ipv4: re(r"(?-u:\b)(?:\d{1,3}\.){3}\d{1,3}(?-u:\b)"),
             ipv6: re(
                 r"(?i)(?-u:\b)(?:(?:[0-9a-f]{1,4}:){7}[0-9a-f]{1,4}|(?:[0-9a-f]{1,4}:){1,6}:(?:[0-9a-f]{1,4}:){0,5}[0-9a-f]{1,4})(?-u:\b)",
@@ -332,7 +332,7 @@ impl Rules {
             ),
             age_label: re(r"(?i:(?-u:\b)(?:aged?|age[ \t]*:))[ \t]*(?P<n>9\d|1[01]\d)(?-u:\b)"),
             age_zh: re(
-                r"(?:(?-u:\b)(?:9\d|1[01]\d)|九十[一二三四五六七八九]?|一百(?:零?[一二三四五六七八九十]{1,2})?)[ \t]*歲|(?:年齡|年紀|享壽|高齡|享年)[ \t:：]*(?P<n>9\d|1[01]\d)(?-u:\b)",
+                r"(?:(?-u:\b)(?:9\d|1[01]\d)|九十[一二三四五六七八九]?|一百(?:零?[一二三四五六七八九十]{1,2})?)[ \t]*歲|(?:年齡|年紀|享壽|高齡|享年)[ \t:：]*(?P<n>(?:9\d|1[01]\d)(?:[ \t]*歲)?)",
             ),
             zip_state: re(&format!(
                 r"(?-u:\b)(?:{states})[ \t]+(?P<zip>\d{{5}}(?:-\d{{4}})?)(?-u:\b)"
@@ -341,8 +341,9 @@ impl Rules {
             street_en: re(&format!(
                 r"(?-u:\b)\d{{1,6}}(?:-\d{{1,4}})?[ \t]+(?:(?:[NSEW]\.?|North|South|East|West)[ \t]+)?(?:(?:[A-Z][A-Za-z'’.\-]*|\d{{1,3}}(?:st|nd|rd|th))[ \t]+){{1,4}}(?:{suffixes})\.?(?-u:\b)(?:[ \t]+(?:NE|NW|SE|SW|N|S|E|W)(?-u:\b))?(?:,?[ \t]+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Room|Rm\.?|Floor|Fl\.?|Bldg\.?|Building|#)[ \t]*#?[A-Za-z0-9\-]+)?"
             )),
+            // "City, ST 12345", or "City, ST" after a street address or "in".
             city_state_zip: re(&format!(
-                r"(?-u:\b)(?P<city>[A-Z][a-z][A-Za-z'.\-]*(?:[ \t]+[A-Z][a-z][A-Za-z'.\-]*){{0,2}}),[ \t]*(?:{states})[ \t]+(?P<zip>\d{{5}}(?:-\d{{4}})?)(?-u:\b)"
+                r"(?:(?-u:\b)(?P<city>[A-Z][a-z][A-Za-z'\-]*(?:[ \t]+[A-Z][a-z][A-Za-z'\-]*){{0,2}}),[ \t]*(?:{states})[ \t]+(?P<zip>\d{{5}}(?:-\d{{4}})?)|(?:(?:{suffixes})\.?,?|Apt\.?[ \t]+\w+,?|Suite[ \t]+\w+,?|[ \t]in|[ \t]at)[ \t]+(?P<city2>[A-Z][a-z][A-Za-z'\-]*(?:[ \t]+[A-Z][a-z][A-Za-z'\-]*){{0,2}}),[ \t]*(?:{states}))(?-u:\b)"
             )),
             city_ctx: re(
                 r"(?i:(?-u:\b)(?:lives|living|resides|residing|resident|moved|relocated|born|home|town|city|hometown|native|travell?ed|returned|visiting|grew[ \t]up)(?:[ \t]+(?:in|of|to|from|at))?)[ \t]+(?P<city>[A-Z][a-z][A-Za-z'.\-]*(?:[ \t]+[A-Z][a-z][A-Za-z'.\-]*){0,2})",
@@ -375,19 +376,19 @@ impl Rules {
                 r"(?P<n>{surnames}[\p{{Han}}]{{0,2}}?)(?:先生|女士|小姐|醫師|醫生|護理師|主任|院長|教授|太太|阿姨|伯伯|阿嬤|阿公|奶奶|爺爺|同學|老師|個管師|藥師|營養師)"
             )),
             org_en: re(
-                r"(?-u:\b)(?P<o>(?:St\.|Saint|[A-Z][A-Za-z'’&\-]*\.?)(?:[ \t]+(?:of|the|and|&|for|de|la|[A-Z][A-Za-z'’&.\-]*)){0,6}?[ \t]+(?:Hospital|Medical[ \t]Center|Medical[ \t]Centre|Health[ \t]Center|Health[ \t]Centre|Health[ \t]System|Healthcare|Health[ \t]Care|Clinic|Clinics|Infirmary|Hospice|Nursing[ \t]Home|Nursing[ \t]Facility|Rehabilitation[ \t]Center|Surgery[ \t]Center|Surgical[ \t]Center|Urgent[ \t]Care|Pharmacy|Laboratory|Laboratories|Labs|University|College|Institute|Foundation|Medical[ \t]Group|Associates|Cancer[ \t]Center|Memorial)(?:[ \t]+of[ \t]+(?:the[ \t]+)?[A-Z][A-Za-z]+(?:[ \t]+[A-Z][A-Za-z]+){0,2})?)(?-u:\b)",
+                r"(?-u:\b)(?P<o>(?:St\.|Saint|Mt\.|[A-Z][A-Za-z'’&\-]*)(?:[ \t]+(?:of|the|and|&|for|de|la|St\.|[A-Z][A-Za-z'’&\-]*)){0,6}?(?:[ \t]+(?:Hospital|Medical[ \t]Center|Medical[ \t]Centre|Health[ \t]Center|Health[ \t]Centre|Health[ \t]System|Healthcare|Health[ \t]Care|Clinic|Clinics|Infirmary|Hospice|Nursing[ \t]Home|Nursing[ \t]Facility|Rehabilitation[ \t]Center|Surgery[ \t]Center|Surgical[ \t]Center|Urgent[ \t]Care|Pharmacy|Laboratory|Laboratories|Labs|University|College|Institute|Foundation|Medical[ \t]Group|Associates|Cancer[ \t]Center|Memorial))+(?:[ \t]+of[ \t]+(?:the[ \t]+)?[A-Z][A-Za-z]+(?:[ \t]+[A-Z][A-Za-z]+){0,2})?)(?-u:\b)",
             ),
             org_company: re(
                 r"(?-u:\b)(?P<o>[A-Z][a-z]+(?:(?:-|,[ \t]|[ \t])[A-Z][a-z]+){0,3}(?:,?[ \t]+(?:and|&)[ \t]+[A-Z][a-z]+)?[ \t]+(?:Inc\.?|LLC|L\.L\.C\.|Ltd\.?|PLC|Corp\.?|Corporation|Group|Company|Co\.|Partners|Holdings|Industries|Enterprises))",
             ),
             org_ctx: re(
-                r"(?i:(?-u:\b)(?:works?[ \t](?:at|for)|worked[ \t](?:at|for)|working[ \t](?:at|for)|employed[ \t](?:at|by|with)|employer(?:[ \t]is)?|retired[ \t]from|job[ \t]at|insured[ \t](?:by|through)|insurer|insurance[ \t]carrier)[ \t]*[:：]?)[ \t]*(?P<o>[A-Z][A-Za-z'’&.\-]+(?:(?:,[ \t]|[ \t]|-)(?:and[ \t]|&[ \t])?[A-Z][A-Za-z'’&.\-]+){0,5})",
+                r"(?i:(?-u:\b)(?:works?[ \t](?:at|for)|works?[ \t]as[ \t]an?[ \t][a-z \t]{2,40}?[ \t](?:at|for)|worked[ \t](?:at|for)|working[ \t](?:at|for)|employed[ \t](?:at|by|with)|employer(?:[ \t]is)?|retired[ \t]from|job[ \t]at|insured[ \t](?:by|through)|insurer|insurance[ \t]carrier)[ \t]*[:：]?)[ \t]*(?P<o>[A-Z][A-Za-z'’&.\-]+(?:(?:,[ \t]|[ \t]|-)(?:and[ \t]|&[ \t])?[A-Z][A-Za-z'’&.\-]+){0,5})",
             ),
             org_zh: re(
-                r"(?P<o>[\p{Han}A-Za-z]{1,16}?(?:醫學中心|醫療中心|醫院|診所|衛生所|長照中心|護理之家|安養中心|養護中心|藥局|檢驗所|大學|學院|有限公司|公司|銀行|協會|基金會))",
+                r"(?P<o>[\p{Han}A-Za-z()]{1,20}?(?:醫學中心|醫療中心|醫院|診所|衛生所|長照中心|護理之家|安養中心|養護中心|藥局|檢驗所|大學|學院|有限公司|公司|銀行|協會|基金會))",
             ),
             org_zh_ctx: re(
-                r"(?:任職於|服務於|工作於|就職於|受僱於|受雇於|任職|服務單位|工作單位|雇主|公司名稱|投保單位)[ \t]*[:：]?[ \t]*(?P<o>[\p{Han}A-Za-z0-9!！&]{2,16})",
+                r"(?:任職於|服務於|工作於|就職於|受僱於|受雇於|任職|服務單位|工作單位|雇主|公司名稱|投保單位)[ \t]*[:：]?[ \t]*(?P<o>[\p{Han}A-Za-z0-9!！&()]{2,20})",
             ),
             card: re(r"(?-u:\b)\d(?:[ \-]?\d){12,18}(?-u:\b)"),
             dea: re(r"(?-u:\b)[ABCDEFGHJKLMPRSTUX][A-Z9]\d{7}(?-u:\b)"),
@@ -491,16 +492,19 @@ impl Rules {
             push(&mut out, m.start(), m.end(), PhiType::Address, 0.85);
         }
         for c in self.city_state_zip.captures_iter(text) {
-            let city = c.name("city").expect("city");
-            let (s, e) = strip_words(text, city.start(), city.end(), &self.not_names);
-            push(&mut out, s, e, PhiType::Address, 0.8);
-            let z = c.name("zip").expect("zip");
-            push(&mut out, z.start(), z.end(), PhiType::Zip, 0.9);
+            if let Some(city) = c.name("city").or_else(|| c.name("city2")) {
+                push(&mut out, city.start(), city.end(), PhiType::Address, 0.8);
+            }
+            if let Some(z) = c.name("zip") {
+                push(&mut out, z.start(), z.end(), PhiType::Zip, 0.9);
+            }
         }
         for c in self.city_ctx.captures_iter(text) {
             let city = c.name("city").expect("city");
-            let (s, e) = strip_words(text, city.start(), city.end(), &self.not_names);
-            push(&mut out, s, e, PhiType::Address, 0.7);
+            let (s, e) = strip_leading(text, city.start(), city.end(), ORG_NOT_FIRST);
+            if !COUNTRIES.contains(&&text[s..e]) {
+                push(&mut out, s, e, PhiType::Address, 0.7);
+            }
         }
         for m in self.county.find_iter(text) {
             push(&mut out, m.start(), m.end(), PhiType::Address, 0.8);
@@ -749,8 +753,8 @@ const ORG_SUFFIXES: &[&str] = &[
     "基金會",
 ];
 /// Characters that end the words before an address or an organisation ("住在", "轉至", ...).
-const ADDR_STOP: &str = "在於至到往從由的和與及、是為址住寄送回赴自經向。，；：";
-const ORG_STOP: &str = "在於至到往從由的和與及、是為該本此其各每送回赴自經向轉入住。，；：就去";
+const ADDR_STOP: &str = "在於至到的、。，；：";
+const ORG_STOP: &str = "在於至到往從由的、是為該本此其各每送赴經向轉入住。，；：就去";
 const ORG_RIGHT_STOP: &[&str] = &[
     "擔任", "工作", "上班", "服務", "任職", "的", "，", "、", "。", "；", "當", "負責", "從事",
     "至今", "迄今", "多年", "期間", "退休", "職員", "員工",
@@ -766,7 +770,7 @@ fn trim_left_at(text: &str, start: usize, end: usize, stops: &str) -> usize {
     }
     // Leading context words.
     for w in [
-        "地址", "住址", "居住", "患者", "病人", "病患", "目前", "現居", "戶籍",
+        "地址", "住址", "居住", "患者", "病人", "病患", "目前", "現居", "現住", "戶籍", "住",
     ] {
         if text[s..end].starts_with(w) {
             s += w.len();
@@ -803,6 +807,35 @@ fn zh_name_end(text: &str, start: usize, end: usize) -> Option<usize> {
     }
 }
 
+/// Countries (not geographic units below a state).
+const COUNTRIES: &[&str] = &[
+    "Taiwan",
+    "China",
+    "Japan",
+    "Korea",
+    "Vietnam",
+    "Philippines",
+    "Thailand",
+    "Indonesia",
+    "Malaysia",
+    "Singapore",
+    "India",
+    "Mexico",
+    "Canada",
+    "America",
+    "United States",
+    "England",
+    "France",
+    "Germany",
+    "Italy",
+    "Spain",
+    "Australia",
+    "Brazil",
+    "Europe",
+    "Asia",
+    "Africa",
+];
+
 /// Words that start sentences rather than organisation names.
 const ORG_NOT_FIRST: &[&str] = &[
     "Patient",
@@ -825,6 +858,13 @@ const ORG_NOT_FIRST: &[&str] = &[
     "Per",
     "Via",
     "Called",
+    "MD",
+    "DO",
+    "RN",
+    "NP",
+    "PA",
+    "Labs",
+    "The",
     "Contacted",
     "Referred",
     "Sent",
@@ -968,7 +1008,13 @@ fn trim_id(text: &str, start: usize, end: usize, shape: IdShape) -> (usize, usiz
     let trimmed = match shape {
         IdShape::File => v.trim_end_matches(['.', '-', '/', '_']),
         IdShape::PhoneNumber => v.trim_end_matches(['.', '-', ' ', '(']),
-        IdShape::Plate => v.trim_end_matches(['-', ' ']),
+        IdShape::Plate => {
+            // "ABC 123" is a plate; "ABC then" is a plate and a word.
+            match v.rsplit_once(' ') {
+                Some((head, tail)) if tail.chars().all(|c| c.is_ascii_lowercase()) => head,
+                _ => v.trim_end_matches(['-', ' ']),
+            }
+        }
         _ => v.trim_end_matches(['.', '-', '/']),
     };
     (start, start + trimmed.len())
@@ -1244,7 +1290,8 @@ mod tests {
             "0000 1234 5678",
             PhiType::NhiCard,
         );
-        has("享年95歲", "95", PhiType::Age);
+        has("享年95歲", "95歲", PhiType::Age);
+        has("年齡：92", "92", PhiType::Age);
         has("95歲女性", "95歲", PhiType::Age);
     }
 
