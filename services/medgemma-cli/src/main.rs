@@ -2,12 +2,14 @@
 //!
 //! Subcommands: `fetch-demo` (download and checksum the embedded demo model and tokenizer),
 //! `generate` (run a prompt through a Gemma 3 / MedGemma model), `bench` (prefill and decode
-//! speed beside llama.cpp), and the gateway's clients `ask`, `summarize`, `mcq`, `report`.
+//! speed beside llama.cpp), the gateway's clients `ask`, `summarize`, `mcq`, `report`,
+//! `deidentify`, and `eval-deid` (de-identification scored beside Presidio).
 //! Logs go to stderr; `--json` output goes to stdout.
 
 mod bench;
 mod bench_vision;
 mod client;
+mod eval_deid;
 mod generate;
 mod up;
 
@@ -51,6 +53,11 @@ enum Command {
     /// Images/s of the 4B vision tower (SigLIP so400m + projector, random weights in the real
     /// shapes) beside transformers on the same checkpoint.
     BenchVision(bench_vision::BenchVisionArgs),
+    /// Score de-identification on the committed corpus (rules only, rules + model with
+    /// `--gateway`), beside Presidio, and measure rules-only throughput.
+    EvalDeid(eval_deid::EvalDeidArgs),
+    /// De-identify a clinical note (`ClinicalTasks.Deidentify`).
+    Deidentify(eval_deid::DeidentifyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,6 +100,8 @@ fn main() {
         Command::Report(a) => client::report(a),
         Command::Up(a) => up::run(*a),
         Command::BenchVision(a) => bench_vision::run(a),
+        Command::EvalDeid(a) => eval_deid::run(a),
+        Command::Deidentify(a) => eval_deid::deidentify(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
