@@ -170,14 +170,14 @@ fn layout(s: &str, toks: &[Piece]) -> Option<Layout> {
         });
     }
     let roc_prefix = s.contains("民國");
-    match nums.as_slice() {
-        &[a, b] => Some(Layout {
+    match *nums.as_slice() {
+        [a, b] => Some(Layout {
             year: None,
             month: a,
             day: Some(b),
             roc: false,
         }),
-        &[a, b, c] => {
+        [a, b, c] => {
             let (va, wa, vb) = match (toks[a].0, toks[b].0) {
                 (Tok::Num(va, wa, _), Tok::Num(vb, ..)) => (va, wa, vb),
                 _ => return None,

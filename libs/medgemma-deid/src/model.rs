@@ -189,7 +189,7 @@ const COMMON: &[&str] = &[
 /// Whether a model-listed string is plausible as its type (the model may be small and wrong).
 pub fn plausible(s: &str, ty: PhiType) -> bool {
     let n = s.chars().count();
-    if n < 2 || n > MAX_ITEM_CHARS || !s.chars().any(char::is_alphanumeric) {
+    if !(2..=MAX_ITEM_CHARS).contains(&n) || !s.chars().any(char::is_alphanumeric) {
         return false;
     }
     if COMMON.contains(&s.to_lowercase().as_str()) {

@@ -1068,7 +1068,7 @@ pub fn tw_id_valid(s: &str) -> bool {
         sum += u32::from(c - b'0') * (7 - i as u32);
     }
     sum += u32::from(b[9] - b'0');
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// The Taiwan ID check digit for the first nine characters (surrogates).
@@ -1095,7 +1095,7 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
         }
         sum += v;
     }
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// The DEA registration number checksum.
