@@ -38,6 +38,7 @@ cargo test --workspace
 # The vision tower again without our SIMD kernels (no fused attention, portable softmax/GELU):
 # the path CPUs without AVX-512 take, pinned to the same transformers goldens.
 MEDGEMMA_CPU_SIMD=0 cargo test -p medgemma-vision --test tower
+bash scripts/deid-eval.sh
 # Black box: `medgemma up` driven from Python grpcio (health, reflection, the four tasks, bad
 # requests, SIGTERM).
 bash tests/blackbox/run.sh

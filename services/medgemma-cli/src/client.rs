@@ -49,7 +49,8 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn to_proto(&self) -> Option<pb::Sampling> {
+    /// The request's `sampling`.
+    pub fn to_proto(&self) -> Option<pb::Sampling> {
         Some(pb::Sampling {
             temperature: self.temperature,
             top_p: self.top_p,

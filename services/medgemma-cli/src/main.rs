@@ -3,7 +3,8 @@
 //! Subcommands: `fetch-demo` (download and checksum the embedded demo model and tokenizer),
 //! `fetch-model` (download a Hugging Face model repository, checksummed and resumable),
 //! `generate` (run a prompt through a Gemma 3 / MedGemma model), `bench` (prefill and decode
-//! speed beside llama.cpp), and the gateway's clients `ask`, `summarize`, `mcq`, `report`.
+//! speed beside llama.cpp), the gateway's clients `ask`, `summarize`, `mcq`, `report`,
+//! `deidentify`, and `eval-deid` (de-identification scored beside Presidio).
 //! Logs go to stderr; `--json` output goes to stdout.
 
 mod bench;
@@ -11,6 +12,7 @@ mod bench_serve;
 mod bench_vision;
 mod client;
 mod fetch_model;
+mod eval_deid;
 mod generate;
 mod up;
 
@@ -60,6 +62,11 @@ enum Command {
     /// Download a Hugging Face model repository (e.g. google/medgemma-4b-it) into a directory:
     /// HF_TOKEN for gated models, resumable, sha256-checked against the Hub's LFS metadata.
     FetchModel(fetch_model::FetchModelArgs),
+    /// Score de-identification on the committed corpus (rules only, rules + model with
+    /// `--gateway`), beside Presidio, and measure rules-only throughput.
+    EvalDeid(eval_deid::EvalDeidArgs),
+    /// De-identify a clinical note (`ClinicalTasks.Deidentify`).
+    Deidentify(eval_deid::DeidentifyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,6 +111,8 @@ fn main() {
         Command::Up(a) => up::run(*a),
         Command::BenchVision(a) => bench_vision::run(a),
         Command::FetchModel(a) => fetch_model::run(a),
+        Command::EvalDeid(a) => eval_deid::run(a),
+        Command::Deidentify(a) => eval_deid::deidentify(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

@@ -209,6 +209,16 @@ impl ClinicalTasks for ClinicalTasksService {
         )))
     }
 
+    async fn deidentify(
+        &self,
+        request: Request<pb::DeidentifyRequest>,
+    ) -> Result<Response<pb::DeidentifyResponse>, Status> {
+        let ctx = self.ctx(&request);
+        let task = validate::deidentify(request.into_inner(), &self.limits).map_err(fail)?;
+        let r = self.tasks.deidentify(&ctx, task).await.map_err(fail)?;
+        Ok(Response::new(r))
+    }
+
     async fn draft_radiology_report(
         &self,
         request: Request<pb::DraftRadiologyReportRequest>,

@@ -22,7 +22,7 @@ use crate::error::GatewayError;
 use crate::pool::Pool;
 use crate::prompt::{self, OPTION_LETTERS};
 use crate::structured::{self, Report, Summary};
-use crate::validate::{AskTask, McqTask, ReportTask, Sampling, SummarizeTask};
+use crate::validate::{AskTask, DeidentifyTask, McqTask, ReportTask, Sampling, SummarizeTask};
 
 /// Where text deltas of a streaming task go.
 pub type Deltas = mpsc::Sender<String>;
@@ -658,6 +658,96 @@ impl Tasks {
             finish_reason: finish_reason(&r).into(),
             timings: Some(acc.timings(started)),
             disclaimer: self.disclaimer.clone(),
+        })
+    }
+}
+
+impl Tasks {
+    /// `Deidentify`: the recognizers over the whole text (on a blocking thread), then, unless
+    /// turned off, the model pass window by window on the text pool under the JSON schema of
+    /// [`medgemma_deid::model::schema`]; the union resolved and replaced. Nothing of the text,
+    /// the spans or the fakes is logged.
+    pub async fn deidentify(
+        &self,
+        ctx: &CallCtx,
+        task: DeidentifyTask,
+    ) -> Result<pb::DeidentifyResponse, GatewayError> {
+        use medgemma_deid::model;
+        let started = Instant::now();
+        let text: Arc<str> = Arc::from(task.text);
+        let language = task
+            .language
+            .unwrap_or_else(|| medgemma_deid::Language::detect(&text));
+        let t = text.clone();
+        let mut findings = tokio::task::spawn_blocking(move || medgemma_deid::rule_findings(&t))
+            .await
+            .map_err(|_| GatewayError::Cancelled)?;
+        let mut acc = Acc::default();
+        let mut truncated = 0u32;
+        if task.use_model {
+            let schema = model::schema().to_string();
+            for w in model::windows(&text, model::WINDOW_CHARS, model::OVERLAP_CHARS) {
+                let messages = chat(
+                    None,
+                    vec![text_part(model::prompt(&text[w.start..w.end], language))],
+                );
+                let rendered = self.render(ctx, messages).await?;
+                let ids = self.encode(ctx, rendered, 0, None).await?;
+                let r = self
+                    .generate(
+                        &self.text,
+                        ctx,
+                        gen_pb::GenerateRequest {
+                            prompt_ids: ids,
+                            sampling: Some(gen_sampling(&task.sampling)),
+                            constraint: Some(gen_pb::Constraint {
+                                kind: Some(gen_pb::constraint::Kind::JsonSchema(schema.clone())),
+                            }),
+                            ..Default::default()
+                        },
+                        None,
+                        "text",
+                    )
+                    .await?;
+                acc.add(&r);
+                if finish_reason(&r) == pb::FinishReason::Length {
+                    truncated += 1;
+                }
+                findings.extend(model::findings(&text, w, &model::parse_answer(&r.text)));
+            }
+        }
+        let mode = task.mode;
+        let (out, spans) = tokio::task::spawn_blocking(move || {
+            let spans = medgemma_deid::resolve(&text, findings);
+            (medgemma_deid::render(&text, &spans, mode), spans)
+        })
+        .await
+        .map_err(|_| GatewayError::Cancelled)?;
+        Ok(pb::DeidentifyResponse {
+            text: out,
+            spans: spans
+                .into_iter()
+                .map(|s| pb::PhiSpan {
+                    start: s.start as u32,
+                    end: s.end as u32,
+                    byte_start: s.byte_start as u32,
+                    byte_end: s.byte_end as u32,
+                    r#type: s.phi_type.as_str().to_owned(),
+                    source: match s.source {
+                        medgemma_deid::Source::Rule => pb::SpanSource::Rule,
+                        medgemma_deid::Source::Model => pb::SpanSource::Model,
+                        medgemma_deid::Source::Both => pb::SpanSource::Both,
+                    }
+                    .into(),
+                    confidence: s.confidence,
+                })
+                .collect(),
+            language: language.as_str().to_owned(),
+            usage: Some(acc.usage()),
+            model_id: acc.model_id.clone(),
+            timings: Some(acc.timings(started)),
+            disclaimer: self.disclaimer.clone(),
+            truncated_windows: truncated,
         })
     }
 }

@@ -77,6 +77,17 @@ pub struct ReportTask {
     pub sampling: Sampling,
 }
 
+/// A checked `Deidentify`.
+#[derive(Debug, Clone)]
+pub struct DeidentifyTask {
+    pub text: String,
+    /// `None`: detect from the text.
+    pub language: Option<medgemma_deid::Language>,
+    pub mode: medgemma_deid::Mode,
+    pub use_model: bool,
+    pub sampling: Sampling,
+}
+
 /// Longest modality or body part, in bytes.
 const MAX_LABEL_BYTES: usize = 200;
 
@@ -283,6 +294,56 @@ pub fn report(
     })
 }
 
+/// Checks a `Deidentify`. Unset temperature means greedy here (listing identifiers is
+/// extraction, not writing).
+pub fn deidentify(
+    r: pb::DeidentifyRequest,
+    limits: &Limits,
+) -> Result<DeidentifyTask, GatewayError> {
+    let mut v = Violations(Vec::new());
+    v.text("text", &r.text, limits);
+    let language = match r.language.trim() {
+        "" | "auto" => None,
+        tag => {
+            let l = medgemma_deid::Language::parse(tag);
+            if l.is_none() {
+                v.add("language", "must be en, zh-TW or auto");
+            }
+            l
+        }
+    };
+    let seed = r.surrogate_seed.unwrap_or_else(|| {
+        use std::hash::BuildHasher;
+        std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
+    });
+    let mode = match pb::DeidentifyMode::try_from(r.mode) {
+        Ok(pb::DeidentifyMode::Unspecified | pb::DeidentifyMode::Redact) => {
+            medgemma_deid::Mode::Redact
+        }
+        Ok(pb::DeidentifyMode::Mask) => medgemma_deid::Mode::Mask('*'),
+        Ok(pb::DeidentifyMode::Surrogate) => medgemma_deid::Mode::Surrogate { seed },
+        Err(_) => {
+            v.add(
+                "mode",
+                "must be DEIDENTIFY_MODE_REDACT, _MASK or _SURROGATE",
+            );
+            medgemma_deid::Mode::Redact
+        }
+    };
+    let explicit_temperature = r.sampling.as_ref().and_then(|s| s.temperature);
+    let mut sampling = sampling(r.sampling.as_ref(), limits, &mut v);
+    if explicit_temperature.is_none() {
+        sampling.temperature = 0.0;
+    }
+    v.finish(DeidentifyTask {
+        text: r.text,
+        language,
+        mode,
+        use_model: r.use_model.unwrap_or(true),
+        sampling,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,6 +481,44 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(fields(e), vec!["options[1]"]);
+    }
+
+    #[test]
+    fn deidentify_checks() {
+        let ok = deidentify(
+            pb::DeidentifyRequest {
+                text: "note".into(),
+                ..Default::default()
+            },
+            &limits(),
+        )
+        .unwrap();
+        assert!(ok.use_model && ok.language.is_none());
+        assert_eq!(ok.mode, medgemma_deid::Mode::Redact);
+        assert_eq!(ok.sampling.temperature, 0.0);
+        let e = deidentify(
+            pb::DeidentifyRequest {
+                text: " ".into(),
+                language: "fr".into(),
+                mode: 9,
+                ..Default::default()
+            },
+            &limits(),
+        )
+        .unwrap_err();
+        assert_eq!(fields(e), vec!["text", "language", "mode"]);
+        let e = deidentify(
+            pb::DeidentifyRequest {
+                text: "x".repeat(1001),
+                language: "zh-TW".into(),
+                mode: pb::DeidentifyMode::Surrogate.into(),
+                surrogate_seed: Some(3),
+                ..Default::default()
+            },
+            &limits(),
+        )
+        .unwrap_err();
+        assert_eq!(fields(e), vec!["text"]);
     }
 
     #[test]
