@@ -11,8 +11,8 @@ mod bench;
 mod bench_serve;
 mod bench_vision;
 mod client;
-mod fetch_model;
 mod eval_deid;
+mod fetch_model;
 mod generate;
 mod up;
 
