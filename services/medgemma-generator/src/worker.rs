@@ -166,10 +166,11 @@ impl Scheduler {
         events: &mpsc::UnboundedSender<Event>,
         result: Result<Finished, JobError>,
     ) {
-        // The caller may be gone by now; nothing to do then.
-        let _ = events.send(Event::Done(result));
+        // Counted before the caller hears of it, so `Stats` never lags a response.
         self.stats.in_system.fetch_sub(1, Ordering::Relaxed);
         self.stats.requests_served.fetch_add(1, Ordering::Relaxed);
+        // The caller may be gone by now; nothing to do then.
+        let _ = events.send(Event::Done(result));
     }
 
     fn accept(&mut self, job: Job) {
