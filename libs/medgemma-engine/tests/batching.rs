@@ -108,6 +108,22 @@ fn alone(reqs: &[GenerationRequest]) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// Steps until nothing is left; the finished sequences with their token counts (a failure
+/// fails the test).
+fn run_to_end(e: &mut Engine) -> Vec<(u64, usize)> {
+    let mut done = Vec::new();
+    while e.has_work() {
+        for ev in e.step().unwrap() {
+            match ev {
+                StepEvent::Finished { id, output } => done.push((id, output.token_ids.len())),
+                StepEvent::Failed { error, .. } => panic!("{error}"),
+                StepEvent::Token { .. } => {}
+            }
+        }
+    }
+    done
+}
+
 #[test]
 fn a_batch_of_16_gives_each_request_its_own_tokens_at_every_chunk_size() {
     let reqs = sixteen();
@@ -239,15 +255,7 @@ fn cancel_frees_a_running_or_waiting_sequence_at_once() {
     let out = e.cancel(c).unwrap();
     assert!(out.token_ids.is_empty());
     assert!(e.cancel(c).is_none(), "gone");
-    let mut done = None;
-    while e.has_work() {
-        for ev in e.step().unwrap() {
-            if let StepEvent::Finished { id, output } = ev {
-                done = Some((id, output.token_ids.len()));
-            }
-        }
-    }
-    assert_eq!(done, Some((b, 50)));
+    assert_eq!(run_to_end(&mut e), vec![(b, 50)]);
     assert_eq!(e.kv_bytes_in_use(), 0);
 }
 
@@ -299,17 +307,7 @@ fn requests_a_forward_would_refuse_are_refused_alone_at_admission() {
         .unwrap_err();
     assert!(err.to_string().contains("vocabulary"), "{err}");
     // The batch the bad requests would have joined runs as if they never came.
-    let mut done = None;
-    while e.has_work() {
-        for ev in e.step().unwrap() {
-            match ev {
-                StepEvent::Finished { id, output } => done = Some((id, output.token_ids.len())),
-                StepEvent::Failed { error, .. } => panic!("{error}"),
-                StepEvent::Token { .. } => {}
-            }
-        }
-    }
-    assert_eq!(done, Some((good, 3)));
+    assert_eq!(run_to_end(&mut e), vec![(good, 3)]);
 }
 
 fn with_blocks(block_size: usize, prefix_caching: bool, model: &str) -> Engine {

@@ -1,9 +1,13 @@
 //! `medgemma bench-serve`: the generator under load, in the spirit of vLLM's `bench serve`.
 //! N requests at each concurrency level, fixed prompt and output lengths (eos ignored), sent
 //! over the generator's gRPC streaming API; request throughput, output tok/s, TTFT, TPOT and
-//! ITL percentiles, the largest batch the generator ran, and peak RSS. A shared-prefix scenario
-//! (the clinical summary task's fixed instructions before distinct notes) reports TTFT with
-//! prefix caching on and off.
+//! ITL percentiles, the largest batch the generator ran, and peak RSS. When llama.cpp's
+//! `llama-server` is present, the same requests (the same prompt token ids) go to it on the
+//! same GGUF with the same threads, `--parallel` = concurrency, in the same run, and the table
+//! shows both with ratios. A shared-prefix scenario (one clinical note summarized in several
+//! languages) reports TTFT with prefix caching on and off, and a
+//! gateway scenario compares `Ask` through the whole suite with the same prompt sent to the
+//! generator directly.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -41,6 +45,12 @@ pub struct BenchServeArgs {
     /// Requests of the shared-prefix scenario (0: skip it).
     #[arg(long, default_value_t = 8)]
     pub prefix_requests: usize,
+    /// Requests of the gateway scenario, one at a time (0: skip it).
+    #[arg(long, default_value_t = 8)]
+    pub gateway_requests: usize,
+    /// llama.cpp's llama-server (default: `llama-server` on PATH); skipped if absent.
+    #[arg(long, env = "MEDGEMMA_LLAMA_SERVER")]
+    pub llama_server: Option<PathBuf>,
     /// Print the results as one JSON object on stdout as well.
     #[arg(long)]
     pub json: bool,
@@ -66,14 +76,14 @@ struct Level {
 }
 
 /// One request's timings as the client saw them.
-struct Sample {
-    ttft: Duration,
-    e2e: Duration,
-    itls: Vec<Duration>,
-    tokens: usize,
+pub(crate) struct Sample {
+    pub ttft: Duration,
+    pub e2e: Duration,
+    pub itls: Vec<Duration>,
+    pub tokens: usize,
 }
 
-fn percentile(xs: &mut [f64], p: f64) -> f64 {
+pub(crate) fn percentile(xs: &mut [f64], p: f64) -> f64 {
     if xs.is_empty() {
         return f64::NAN;
     }
@@ -82,7 +92,7 @@ fn percentile(xs: &mut [f64], p: f64) -> f64 {
     xs[i]
 }
 
-fn peak_rss_mib() -> f64 {
+pub(crate) fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -205,7 +215,7 @@ async fn start(
     ))
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
@@ -230,94 +240,142 @@ pub fn run(a: BenchServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(bench(a, model, tokenizer))
+    rt.block_on(bench(a, path, model, tokenizer))
+}
+
+/// The measurements of one level from its samples.
+fn summarize(
+    concurrency: usize,
+    samples: &[Sample],
+    failed: usize,
+    elapsed: Duration,
+    max_batch: u32,
+    peak_rss_mib: f64,
+) -> Level {
+    let tokens: usize = samples.iter().map(|s| s.tokens).sum();
+    let mut ttft: Vec<f64> = samples.iter().map(|s| ms(s.ttft)).collect();
+    let mut tpot: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.tokens > 1)
+        .map(|s| ms(s.e2e - s.ttft) / (s.tokens - 1) as f64)
+        .collect();
+    let mut itl: Vec<f64> = samples
+        .iter()
+        .flat_map(|s| s.itls.iter().map(|d| ms(*d)))
+        .collect();
+    let secs = elapsed.as_secs_f64();
+    Level {
+        concurrency,
+        requests: samples.len(),
+        failed,
+        seconds: secs,
+        requests_per_s: samples.len() as f64 / secs,
+        output_tokens_per_s: tokens as f64 / secs,
+        ttft_ms_p50: percentile(&mut ttft, 0.5),
+        ttft_ms_p99: percentile(&mut ttft, 0.99),
+        tpot_ms_p50: percentile(&mut tpot, 0.5),
+        tpot_ms_p99: percentile(&mut tpot, 0.99),
+        itl_ms_p50: percentile(&mut itl, 0.5),
+        itl_ms_p99: percentile(&mut itl, 0.99),
+        max_batch,
+        peak_rss_mib,
+    }
 }
 
 async fn bench(
     a: BenchServeArgs,
+    path: PathBuf,
     model: Arc<Gemma3>,
     tokenizer: Arc<Tokenizer>,
 ) -> anyhow::Result<()> {
     let vocab = model.config().text.vocab_size as u32;
+    let threads = candle_core::utils::get_num_threads();
     let max_c = a.concurrency.iter().copied().max().unwrap_or(1);
-    let (_gen, client) = start(model.clone(), tokenizer.clone(), max_c, true).await?;
-    let mut levels = Vec::new();
+    let llama = a
+        .llama_server
+        .clone()
+        .or_else(|| crate::bench::which("llama-server"))
+        .filter(|p| p.exists());
+    let (generator, client) = start(model.clone(), tokenizer.clone(), max_c, true).await?;
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    let mut llama_cmd = None;
     let mut seed = 0u64;
     for &c in &a.concurrency {
         let n = a.requests.unwrap_or((2 * c).max(8));
-        let prompts: Vec<Vec<u32>> = (0..n)
-            .map(|_| {
-                seed += 1;
-                random_prompt(a.prompt_tokens, vocab, seed)
-            })
-            .collect();
-        let before = stats(&client).await?;
-        let (samples, failed, elapsed) =
-            level(&client, Arc::new(prompts), c, a.output_tokens).await;
-        let after = stats(&client).await?;
-        let tokens: usize = samples.iter().map(|s| s.tokens).sum();
-        let mut ttft: Vec<f64> = samples.iter().map(|s| ms(s.ttft)).collect();
-        let mut tpot: Vec<f64> = samples
-            .iter()
-            .filter(|s| s.tokens > 1)
-            .map(|s| ms(s.e2e - s.ttft) / (s.tokens - 1) as f64)
-            .collect();
-        let mut itl: Vec<f64> = samples
-            .iter()
-            .flat_map(|s| s.itls.iter().map(|d| ms(*d)))
-            .collect();
-        let secs = elapsed.as_secs_f64();
-        levels.push(Level {
-            concurrency: c,
-            requests: samples.len(),
+        let prompts: Arc<Vec<Vec<u32>>> = Arc::new(
+            (0..n)
+                .map(|_| {
+                    seed += 1;
+                    random_prompt(a.prompt_tokens, vocab, seed)
+                })
+                .collect(),
+        );
+        let (samples, failed, elapsed) = level(&client, prompts.clone(), c, a.output_tokens).await;
+        let max_batch = stats(&client).await?.max_batch_size;
+        ours.push(summarize(
+            c,
+            &samples,
             failed,
-            seconds: secs,
-            requests_per_s: samples.len() as f64 / secs,
-            output_tokens_per_s: tokens as f64 / secs,
-            ttft_ms_p50: percentile(&mut ttft, 0.5),
-            ttft_ms_p99: percentile(&mut ttft, 0.99),
-            tpot_ms_p50: percentile(&mut tpot, 0.5),
-            tpot_ms_p99: percentile(&mut tpot, 0.99),
-            itl_ms_p50: percentile(&mut itl, 0.5),
-            itl_ms_p99: percentile(&mut itl, 0.99),
-            // The largest batch since start; levels run in increasing order.
-            max_batch: after.max_batch_size.max(before.max_batch_size),
-            peak_rss_mib: peak_rss_mib(),
-        });
+            elapsed,
+            max_batch,
+            peak_rss_mib(),
+        ));
+        if let Some(bin) = &llama {
+            let ctx = c * (a.prompt_tokens + a.output_tokens as usize + 64);
+            let (bin, path, prompts) = (bin.clone(), path.clone(), prompts.clone());
+            let out = a.output_tokens;
+            let (lv, cmd) = tokio::task::spawn_blocking(move || {
+                crate::llama_server::run_level(&bin, &path, threads, c, ctx, &prompts, out)
+            })
+            .await??;
+            theirs.push(summarize(
+                c,
+                &lv.samples,
+                lv.failed,
+                lv.elapsed,
+                0,
+                lv.peak_rss_mib,
+            ));
+            llama_cmd = Some(cmd);
+        }
     }
+    drop(client);
+    drop(generator);
     let prefix = if a.prefix_requests > 0 {
         Some(shared_prefix(&a, &model, &tokenizer).await?)
     } else {
         None
     };
+    let gateway = if a.gateway_requests > 0 {
+        Some(crate::bench_gateway::run(a.gateway_requests, a.output_tokens, &tokenizer).await?)
+    } else {
+        None
+    };
 
     println!(
-        "bench-serve: generator gRPC streaming, {} prompt tokens, {} output tokens (eos ignored), {} threads",
-        a.prompt_tokens,
-        a.output_tokens,
-        candle_core::utils::get_num_threads()
+        "bench-serve: generator gRPC streaming, {} prompt tokens, {} output tokens (eos ignored), {threads} threads",
+        a.prompt_tokens, a.output_tokens,
     );
     println!(
-        "| concurrency | requests | failed | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | max batch | peak RSS MiB |"
+        "| engine | concurrency | requests | failed | req/s | output tok/s | vs llama-server | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | max batch | peak RSS MiB |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for l in &levels {
-        println!(
-            "| {} | {} | {} | {:.2} | {:.1} | {:.0} / {:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {} | {:.0} |",
-            l.concurrency,
-            l.requests,
-            l.failed,
-            l.requests_per_s,
-            l.output_tokens_per_s,
-            l.ttft_ms_p50,
-            l.ttft_ms_p99,
-            l.tpot_ms_p50,
-            l.tpot_ms_p99,
-            l.itl_ms_p50,
-            l.itl_ms_p99,
-            l.max_batch,
-            l.peak_rss_mib
-        );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, l) in ours.iter().enumerate() {
+        let peer = theirs.get(i);
+        let ratio = peer.map_or_else(String::new, |p| {
+            format!("{:.2}x", l.output_tokens_per_s / p.output_tokens_per_s)
+        });
+        print_row("medgemma", l, &ratio, &l.max_batch.to_string());
+        if let Some(p) = peer {
+            print_row("llama-server", p, "", "-");
+        }
+    }
+    match &llama_cmd {
+        Some(c) => println!("llama-server command (per level): {c}"),
+        None => println!(
+            "llama-server: not found (pass --llama-server PATH; tools/llama-cpp/build.sh builds it)"
+        ),
     }
     if let Some(p) = &prefix {
         println!(
@@ -331,13 +389,43 @@ async fn bench(
             p.hit_tokens
         );
     }
+    if let Some(g) = &gateway {
+        println!("{g}");
+    }
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"levels": levels, "shared_prefix": prefix, "prompt_tokens": a.prompt_tokens, "output_tokens": a.output_tokens})
+            serde_json::json!({
+                "medgemma": ours,
+                "llama_server": theirs,
+                "llama_server_command": llama_cmd,
+                "shared_prefix": prefix,
+                "gateway": gateway,
+                "prompt_tokens": a.prompt_tokens,
+                "output_tokens": a.output_tokens,
+                "threads": threads,
+            })
         );
     }
     Ok(())
+}
+
+fn print_row(engine: &str, l: &Level, ratio: &str, max_batch: &str) {
+    println!(
+        "| {engine} | {} | {} | {} | {:.2} | {:.1} | {ratio} | {:.0} / {:.0} | {:.1} / {:.1} | {:.1} / {:.1} | {max_batch} | {:.0} |",
+        l.concurrency,
+        l.requests,
+        l.failed,
+        l.requests_per_s,
+        l.output_tokens_per_s,
+        l.ttft_ms_p50,
+        l.ttft_ms_p99,
+        l.tpot_ms_p50,
+        l.tpot_ms_p99,
+        l.itl_ms_p50,
+        l.itl_ms_p99,
+        l.peak_rss_mib
+    );
 }
 
 async fn stats(client: &GeneratorClient<Channel>) -> anyhow::Result<pb::StatsResponse> {
@@ -358,8 +446,12 @@ struct PrefixResult {
     hit_tokens: u64,
 }
 
-/// The summary task's prompt (system prompt and fixed instructions) around distinct short
-/// notes, sent one at a time to a generator with prefix caching on, then to one with it off.
+/// A discharge summary (the repository's fixture), in the shared-prefix scenario.
+const NOTE: &str = include_str!("../../../fixtures/medical_text.txt");
+
+/// The summary task on one clinical note in several output languages (the system prompt, the
+/// instructions and the note are shared; the language line at the end differs), sent one at a
+/// time to a generator with prefix caching on, then to one with it off.
 async fn shared_prefix(
     a: &BenchServeArgs,
     model: &Arc<Gemma3>,
@@ -368,17 +460,13 @@ async fn shared_prefix(
     let template = tokenizer
         .chat_template()
         .context("the tokenizer has no chat template")?;
+    const LANGUAGES: [&str; 8] = ["en", "zh-TW", "ja", "ko", "fr", "de", "es", "it"];
     let prompts: Vec<Vec<u32>> = (0..a.prefix_requests)
         .map(|i| {
-            let note = format!(
-                "Patient {i}: {} y/o admitted with chest pain for {} hours; troponin {} ng/L.",
-                40 + i,
-                2 + i,
-                10 * i + 5
-            );
+            let lang = LANGUAGES[i % LANGUAGES.len()];
             let msgs = [
                 ChatMessage::system(medgemma_gateway::prompt::MEDICAL_SYSTEM_PROMPT),
-                ChatMessage::user(medgemma_gateway::prompt::summarize(&note, "en")),
+                ChatMessage::user(medgemma_gateway::prompt::summarize(NOTE, lang)),
             ];
             let text = template.render(&msgs, true)?;
             Ok(tokenizer.encode(&text, false)?)

@@ -8,12 +8,14 @@
 //! Logs go to stderr; `--json` output goes to stdout.
 
 mod bench;
+mod bench_gateway;
 mod bench_serve;
 mod bench_vision;
 mod client;
 mod eval_deid;
 mod fetch_model;
 mod generate;
+mod llama_server;
 mod up;
 
 use clap::{Parser, Subcommand};
