@@ -508,6 +508,8 @@ struct WorkerContext {
 /// the first waiting job and then every job already queued behind it, as long as their images
 /// fit in `max_batch_images` (a job that does not fit starts the next batch; a job bigger than
 /// a batch on its own is encoded in several forwards).
+///
+/// [`VisionService::hold`] stops it after it has taken the first job of the next batch.
 fn worker(
     encoder: VisionEncoder,
     ctx: WorkerContext,
@@ -554,7 +556,14 @@ fn worker(
             .counters
             .waiting
             .fetch_sub(batch.len(), Ordering::Relaxed);
-        run_batch(&encoder, &ctx, batch);
+        // A panic inside a batch drops its jobs' reply senders (their callers get UNAVAILABLE)
+        // and the thread keeps serving the next batch.
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_batch(&encoder, &ctx, batch);
+        }));
+        if ran.is_err() {
+            tracing::error!("a vision batch panicked; its requests failed, the encoder goes on");
+        }
     }
 }
 
