@@ -277,12 +277,16 @@ impl InplaceOp2 for Add {
     ) -> candle_core::Result<()> {
         let b = f32_slice(bs, bl, "add rhs")?;
         let a = f32_slice_mut(s, l, "add")?;
-        if a.len() != b.len() {
+        if b.is_empty() || !a.len().is_multiple_of(b.len()) {
             candle_core::bail!("add of {} and {} elements", a.len(), b.len())
         }
-        a.par_chunks_mut(16_384)
-            .zip(b.par_chunks(16_384))
-            .for_each(|(d, y)| add_slice(d, y));
+        // `b` is added to each block of `a` of its length (one block: plain `a + b`).
+        for block in a.chunks_exact_mut(b.len()) {
+            block
+                .par_chunks_mut(16_384)
+                .zip(b.par_chunks(16_384))
+                .for_each(|(d, y)| add_slice(d, y));
+        }
         Ok(())
     }
 }
@@ -324,6 +328,27 @@ pub fn add(a: Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     } else {
         a.add(b)
     }
+}
+
+/// `a + b` where `a` is `b` stacked `k` times along the first dimension (`a` `[k * r, ...]`,
+/// `b` `[r, ...]`): `b` added to each block of `a`, as `k` separate adds would; in place on `a`
+/// on the CPU fast path.
+pub fn add_tiled(a: Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if a.dims() == b.dims() {
+        return add(a, b);
+    }
+    let (rows, rest) = (a.dim(0)?, &a.dims()[1..]);
+    let r = b.dim(0)?;
+    if r == 0 || !rows.is_multiple_of(r) || rest != &b.dims()[1..] {
+        candle_core::bail!("add_tiled of {:?} and {:?}", a.dims(), b.dims())
+    }
+    if fast(&a) && fast(b) {
+        a.inplace_op2(b, &Add)?;
+        return Ok(a);
+    }
+    let mut tiled = vec![rows / r];
+    tiled.extend_from_slice(b.dims());
+    a.reshape(tiled)?.broadcast_add(b)?.reshape(a.dims())
 }
 
 /// Max |a - b| over two f32 tensors of the same shape (the crate's unit tests).
@@ -405,5 +430,37 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert!((s[1] - 1.0).abs() < 1e-6 && s.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn tiled_add_adds_the_block_to_every_block() {
+        let d = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (3 * 5, 37), &d).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (5, 37), &d).unwrap();
+        let want = a
+            .reshape((3, 5, 37))
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap()
+            .reshape((15, 37))
+            .unwrap();
+        // The in-place kernel and the fallback (a strided `a`) agree exactly.
+        assert_eq!(
+            max_abs_diff(&add_tiled(a.copy().unwrap(), &b).unwrap(), &want),
+            0.0
+        );
+        let strided = a.t().unwrap().contiguous().unwrap().t().unwrap();
+        assert!(!strided.is_contiguous());
+        assert_eq!(max_abs_diff(&add_tiled(strided, &b).unwrap(), &want), 0.0);
+        // One block is a plain add; blocks that do not divide are refused.
+        assert_eq!(
+            max_abs_diff(
+                &add_tiled(b.copy().unwrap(), &b).unwrap(),
+                &(&b + &b).unwrap()
+            ),
+            0.0
+        );
+        let odd = Tensor::zeros((7, 37), DType::F32, &d).unwrap();
+        assert!(add_tiled(odd, &b).is_err());
     }
 }

@@ -322,6 +322,47 @@ impl VisionEncoder {
         let img = decode_image(bytes, opts)?;
         self.encode_image(&img)
     }
+
+    /// Encoded bytes -> pixel values `[3, image_size, image_size]` (decode, resize, normalise).
+    pub fn pixel_values(&self, bytes: &[u8], opts: &DecodeOptions) -> Result<Tensor> {
+        let img = decode_image(bytes, opts)?;
+        to_pixel_values(&img, self.cfg.vision.image_size as u32)
+    }
+
+    /// Several images with one tower and projector forward: each is decoded and preprocessed
+    /// on its own, one after the other (one decoded image in memory at a time), then the pixel
+    /// values of those that decoded are stacked into `[n, 3, size, size]` and encoded at once
+    /// ([`SiglipTower::forward`] packs their rows). The embeddings equal [`Self::encode_bytes`]'s
+    /// for each image alone.
+    ///
+    /// One result per input, in order: `Ok([mm_tokens_per_image, text_hidden])`, or that image's
+    /// own decoding error, which leaves the others untouched. The outer error is a failure of the
+    /// batched forward itself, which no image can be singled out for.
+    pub fn encode_bytes_batch(
+        &self,
+        images: &[(&[u8], DecodeOptions)],
+    ) -> Result<Vec<Result<Tensor>>> {
+        let mut out: Vec<Result<Tensor>> = Vec::with_capacity(images.len());
+        let mut decoded = Vec::with_capacity(images.len());
+        for (bytes, opts) in images {
+            match self.pixel_values(bytes, opts) {
+                Ok(pv) => {
+                    decoded.push(pv);
+                    // A placeholder, replaced by this image's row of the batch below.
+                    out.push(Ok(Tensor::zeros(0, DType::F32, &Device::Cpu)?));
+                }
+                Err(e) => out.push(Err(e)),
+            }
+        }
+        if decoded.is_empty() {
+            return Ok(out);
+        }
+        let embeddings = self.encode_pixels(&Tensor::stack(&decoded, 0)?)?;
+        for (row, slot) in out.iter_mut().filter(|r| r.is_ok()).enumerate() {
+            *slot = Ok(embeddings.get(row)?);
+        }
+        Ok(out)
+    }
 }
 
 fn check_dtype(dtype: DType) -> Result<()> {

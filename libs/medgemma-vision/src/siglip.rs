@@ -351,6 +351,11 @@ impl SiglipTower {
     }
 
     /// `pixel_values` `[b, 3, size, size]` -> last hidden state `[b, patches, hidden]`.
+    ///
+    /// One pass for the whole batch: the patches of the `b` images are packed row-wise
+    /// (`[b * patches, ...]`), so the patch embedding and every LayerNorm, projection and MLP
+    /// matmul runs once over all of them; only attention runs image by image (images never
+    /// attend to each other). Every row is computed as when its image runs alone.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let (b, c, hh, ww) = pixel_values.dims4()?;
         let s = self.cfg.image_size;
@@ -359,36 +364,44 @@ impl SiglipTower {
                 "pixel values of shape [{b}, {c}, {hh}, {ww}]; the tower takes [n, 3, {s}, {s}]"
             )));
         }
-        let mut outs = Vec::with_capacity(b);
-        for i in 0..b {
-            let px = pixel_values.get(i)?.to_dtype(self.dtype)?;
-            outs.push(self.forward_one(&px)?);
+        if b == 0 {
+            return Err(VisionError::InvalidArgument(
+                "pixel values of an empty batch".into(),
+            ));
         }
-        Ok(Tensor::stack(&outs, 0)?)
-    }
-
-    /// One image `[3, size, size]` -> `[patches, hidden]`.
-    fn forward_one(&self, px: &Tensor) -> Result<Tensor> {
         let p = self.cfg.patch_size;
         let g = self.cfg.patches_per_side();
-        let c = self.cfg.num_channels;
-        // [c, g*p, g*p] -> [c, g, p, g, p] -> [g, g, c, p, p] -> [g*g, c*p*p]
-        let patches = px
-            .reshape((c, g, p, g, p))?
-            .permute((1, 3, 0, 2, 4))?
+        let n = g * g;
+        // [b, c, g*p, g*p] -> [b, c, g, p, g, p] -> [b, g, g, c, p, p] -> [b*g*g, c*p*p]
+        let patches = pixel_values
+            .to_dtype(self.dtype)?
+            .reshape(vec![b, c, g, p, g, p])?
+            .permute([0, 2, 4, 1, 3, 5])?
             .contiguous()?
-            .reshape((g * g, c * p * p))?;
+            .reshape((b * n, c * p * p))?;
         let patches = patches.matmul(&self.patch_wt)?;
-        let mut x = cpu_ops::add(cpu_ops::bias_act(patches, &self.patch_b, false)?, &self.pos)?;
+        let mut x =
+            cpu_ops::add_tiled(cpu_ops::bias_act(patches, &self.patch_b, false)?, &self.pos)?;
         for l in &self.layers {
             let h = l.ln1.forward(&x)?;
-            let h = self.attention(&l.qkv.forward(&h)?)?;
+            let qkv = l.qkv.forward(&h)?;
+            let h = if b == 1 {
+                self.attention(&qkv)?
+            } else {
+                let per_image = (0..b)
+                    .map(|i| self.attention(&qkv.narrow(0, i * n, n)?))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&per_image, 0)?
+            };
             x = cpu_ops::add(l.out.forward(&h)?, &x)?;
             let h = l.ln2.forward(&x)?;
             let h = l.fc1.forward_gelu(&h)?;
             x = cpu_ops::add(l.fc2.forward(&h)?, &x)?;
         }
-        self.post_ln.forward(&x)
+        Ok(self
+            .post_ln
+            .forward(&x)?
+            .reshape((b, n, self.cfg.hidden_size))?)
     }
 
     /// Bidirectional attention over one image's patches; `qkv` is `[n, 3 * hidden]`.

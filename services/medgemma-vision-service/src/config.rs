@@ -59,6 +59,15 @@ pub struct VisionArgs {
     /// Requests that may wait for the encoder; one more gets RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "MEDGEMMA_QUEUE_CAPACITY", default_value_t = 16)]
     pub queue_capacity: usize,
+    /// The most images one tower forward encodes: when several requests wait, their images
+    /// are encoded together, up to this many at once (activation memory grows with it).
+    #[arg(long, env = "MEDGEMMA_MAX_BATCH_IMAGES", default_value_t = 8)]
+    pub max_batch_images: usize,
+    /// Bytes of embeddings kept for repeated images (LRU, keyed by the image's SHA-256 and
+    /// DICOM frame); 0 turns the cache off. 256 MiB holds ~100 MedGemma 4B embeddings in f32
+    /// (2.5 MiB each).
+    #[arg(long, env = "MEDGEMMA_EMBEDDING_CACHE_BYTES", default_value_t = 256 << 20)]
+    pub embedding_cache_bytes: usize,
     /// Seconds in-flight calls may run after SIGTERM before their connections are closed.
     #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT_S", default_value_t = 10)]
     pub drain_timeout_s: u64,
@@ -73,9 +82,15 @@ impl VisionArgs {
                 medgemma_rpc::MAX_MESSAGE_BYTES / 2
             )));
         }
-        if self.max_images == 0 || self.queue_capacity == 0 || self.demo_text_hidden == 0 {
+        if self.max_images == 0
+            || self.queue_capacity == 0
+            || self.demo_text_hidden == 0
+            || self.max_batch_images == 0
+        {
             return Err(VisionServiceError::Config(
-                "--max-images, --queue-capacity and --demo-text-hidden must be at least 1".into(),
+                "--max-images, --queue-capacity, --max-batch-images and --demo-text-hidden must \
+                 be at least 1"
+                    .into(),
             ));
         }
         self.dtype()?;
@@ -142,6 +157,8 @@ impl VisionArgs {
             max_images: self.max_images,
             queue_capacity: self.queue_capacity,
             embedding_dtype: self.embedding_dtype,
+            max_batch_images: self.max_batch_images,
+            embedding_cache_bytes: self.embedding_cache_bytes,
         };
         VisionService::new(encoder, settings)
     }

@@ -1,5 +1,7 @@
 //! The vision service's one error type and its one mapping to `tonic::Status`.
 
+use std::sync::Arc;
+
 use medgemma_rpc::FieldViolation;
 use medgemma_vision::VisionError;
 use tonic::Status;
@@ -22,16 +24,16 @@ pub enum VisionServiceError {
     BadImage {
         /// Which image of the request.
         index: usize,
-        /// Why.
-        source: VisionError,
+        /// Why (shared: an identical image in the same batch fails alike).
+        source: Arc<VisionError>,
     },
     /// The encoder failed on a valid image.
     #[error("encoding images[{index}] failed: {source}")]
     Encode {
         /// Which image of the request.
         index: usize,
-        /// Why.
-        source: VisionError,
+        /// Why (shared by every image of the failed batch).
+        source: Arc<VisionError>,
     },
     /// The queue is full.
     #[error("the vision encoder is busy: {capacity} requests already wait; retry later")]
@@ -72,7 +74,7 @@ impl From<VisionServiceError> for Status {
         match e {
             VisionServiceError::InvalidArgument(v) => medgemma_rpc::bad_request_violations(v),
             VisionServiceError::BadImage { index, source } => {
-                let field = match source {
+                let field = match *source {
                     VisionError::FrameOutOfRange { .. } => format!("images[{index}].dicom_frame"),
                     _ => format!("images[{index}].data"),
                 };

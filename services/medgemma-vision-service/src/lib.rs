@@ -1,7 +1,10 @@
 //! The vision service (`medgemma.vision.v1.VisionEncoder`): image or DICOM bytes in, Gemma 3
 //! soft-token embeddings out (raw little-endian bytes with dtype and shape), with health,
 //! reflection and graceful drain from `medgemma-rpc`. The SigLIP tower and projector run on their
-//! own thread behind a bounded queue; a full queue answers RESOURCE_EXHAUSTED.
+//! own thread behind a bounded queue; a full queue answers RESOURCE_EXHAUSTED. The thread
+//! encodes the images of several waiting requests in one tower forward (`--max-batch-images`)
+//! and keeps an LRU cache of embeddings by image SHA-256 (`--embedding-cache-bytes`); `Stats`
+//! reports both.
 //!
 //! The tower comes from a MedGemma 4B / Gemma 3 multimodal checkpoint (`--model`), or is the
 //! seeded random demo tower sized to a decoder's hidden width (`--demo-text-hidden`), which runs
@@ -17,6 +20,7 @@
 //!
 //! Image bytes and embeddings are never logged.
 
+mod cache;
 mod config;
 mod error;
 mod service;
@@ -30,7 +34,7 @@ use tonic::service::Routes;
 
 pub use config::VisionArgs;
 pub use error::VisionServiceError;
-pub use service::{EmbeddingDType, VisionService, VisionSettings};
+pub use service::{EmbeddingDType, HoldGuard, VisionService, VisionSettings, VisionStats};
 
 /// The fully qualified service name.
 pub const SERVICE_NAME: &str = <VisionEncoderServer<VisionService> as NamedService>::NAME;
