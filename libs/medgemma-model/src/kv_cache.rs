@@ -121,6 +121,24 @@ struct BlockMeta {
     tick: u64,
 }
 
+/// One sequence's cached rows of one layer on the CPU, in place: per block its k and v
+/// (`[kv_heads, block_size, head_dim]` f32) and how many of its rows count.
+#[derive(Debug)]
+pub struct CpuRows<'a> {
+    pub blocks: Vec<(&'a [f32], &'a [f32], usize)>,
+    pub block_size: usize,
+    pub head_dim: usize,
+}
+
+impl CpuRows<'_> {
+    /// Row `r` of block `b`'s keys and values for kv head `g`.
+    pub fn row(&self, b: usize, g: usize, r: usize) -> (&[f32], &[f32]) {
+        let (k, v, _) = self.blocks[b];
+        let at = (g * self.block_size + r) * self.head_dim;
+        (&k[at..at + self.head_dim], &v[at..at + self.head_dim])
+    }
+}
+
 /// A block of one sequence's table: the block id and the position of its first row.
 #[derive(Debug, Clone, Copy)]
 struct BlockRef {
@@ -548,6 +566,55 @@ impl KvCache {
         let k = Tensor::cat(&ks, 1)?.narrow(1, 0, end - first)?;
         let v = Tensor::cat(&vs, 1)?.narrow(1, 0, end - first)?;
         Ok((k, v, first))
+    }
+
+    /// Runs `f` over the cached f32 rows of layer `layer` of `seq` before position `end`, block
+    /// by block, read in place (no copy): the fast path of CPU decode attention. `None` unless
+    /// the cache holds f32 on the CPU.
+    pub fn with_cpu_rows<R>(
+        &self,
+        seq: &SequenceKv,
+        layer: usize,
+        end: usize,
+        f: impl FnOnce(&CpuRows<'_>) -> R,
+    ) -> Result<Option<R>> {
+        if self.dtype != DType::F32 || !self.device.is_cpu() {
+            return Ok(None);
+        }
+        let (s, li) = self.layer_slot[layer];
+        let table = &seq.tables[s];
+        let Some(first) = table.front().map(|b| b.start) else {
+            return Ok(None);
+        };
+        let bs = self.cfg.block_size;
+        let guards: Vec<_> = table
+            .iter()
+            .take((end - first).div_ceil(bs))
+            .map(|b| {
+                let (k, v) = &self.stores[s].blocks[b.id][li];
+                let (gk, lk) = k.storage_and_layout();
+                let (gv, lv) = v.storage_and_layout();
+                (gk, lk.start_offset(), gv, lv.start_offset())
+            })
+            .collect();
+        let mut blocks = Vec::with_capacity(guards.len());
+        for (i, (gk, ok, gv, ov)) in guards.iter().enumerate() {
+            let (candle_core::Storage::Cpu(ck), candle_core::Storage::Cpu(cv)) = (&**gk, &**gv)
+            else {
+                return Ok(None);
+            };
+            let rows = bs.min(end - (first + i * bs));
+            blocks.push((
+                &ck.as_slice::<f32>()?[*ok..],
+                &cv.as_slice::<f32>()?[*ov..],
+                rows,
+            ));
+        }
+        Ok(Some(f(&CpuRows {
+            blocks,
+            block_size: bs,
+            head_dim: self.head_dim,
+        })))
     }
 
     /// Marks the positions of `tokens` (written by the forward call) as cached, keys the blocks

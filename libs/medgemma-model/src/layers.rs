@@ -132,9 +132,16 @@ impl Attention {
             }
             let (o, n) = (rows.offset, rows.n);
             kv.write(item.kv, li, &k.narrow(1, o, n)?, &v.narrow(1, o, n)?)?;
-            let (kk, vv, _first) = kv.gather(item.kv, li, rows.start + n)?;
             let masks = &rows.masks[kind_index(self.kind)];
-            outs.push(self.attend(&q.narrow(1, o, n)?, &kk, &vv, masks)?);
+            let qs = q.narrow(1, o, n)?;
+            if n == 1
+                && let Some(out) = self.decode_in_place(&qs, kv, item, li, rows.start + 1, masks)?
+            {
+                outs.push(out);
+                continue;
+            }
+            let (kk, vv, _first) = kv.gather(item.kv, li, rows.start + n)?;
+            outs.push(self.attend(&qs, &kk, &vv, masks)?);
         }
         let attn = if outs.len() == 1 {
             outs.pop().expect("one output")
@@ -146,6 +153,72 @@ impl Attention {
             .contiguous()?
             .reshape((total, nh * hd))?;
         Ok(self.o.forward(&attn)?)
+    }
+
+    /// One decode row (`q`: `[heads, 1, head_dim]`) against the sequence's cached rows read in
+    /// place from the KV blocks, in f32 on the CPU: no gather copy and no per-sequence tensor
+    /// ops, which dominate a decode step over many short sequences. `None` where the cache is
+    /// not f32 on the CPU (the tensor path then runs).
+    fn decode_in_place(
+        &self,
+        q: &Tensor,
+        kv: &KvCache,
+        item: &SeqInput<'_>,
+        li: usize,
+        end: usize,
+        masks: &MaskBlocks,
+    ) -> Result<Option<Tensor>> {
+        if q.dtype() != DType::F32 || !q.device().is_cpu() {
+            return Ok(None);
+        }
+        let (nh, hd) = (self.heads, self.head_dim);
+        let group = nh / self.kv_heads;
+        let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
+        let mask: Option<Vec<f32>> = match masks.blocks.first() {
+            Some(Some(m)) => Some(m.flatten_all()?.to_vec1()?),
+            _ => None,
+        };
+        let scale = self.scale as f32;
+        let out = kv.with_cpu_rows(item.kv, li, end, |rows| {
+            let l: usize = rows.blocks.iter().map(|b| b.2).sum();
+            let mut out = vec![0f32; nh * hd];
+            let mut p = vec![0f32; l];
+            for h in 0..nh {
+                let g = h / group;
+                let qh = &qv[h * hd..(h + 1) * hd];
+                let mut j = 0;
+                for b in 0..rows.blocks.len() {
+                    for r in 0..rows.blocks[b].2 {
+                        let (k, _) = rows.row(b, g, r);
+                        let dot: f32 = qh.iter().zip(k).map(|(a, b)| a * b).sum();
+                        p[j] = dot * scale + mask.as_ref().map_or(0.0, |m| m[j]);
+                        j += 1;
+                    }
+                }
+                let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for x in p.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let oh = &mut out[h * hd..(h + 1) * hd];
+                let mut j = 0;
+                for b in 0..rows.blocks.len() {
+                    for r in 0..rows.blocks[b].2 {
+                        let (_, v) = rows.row(b, g, r);
+                        let w = p[j] / sum;
+                        for (o, x) in oh.iter_mut().zip(v) {
+                            *o += w * x;
+                        }
+                        j += 1;
+                    }
+                }
+            }
+            out
+        })?;
+        out.map(|o| Tensor::from_vec(o, (nh, 1, hd), q.device()))
+            .transpose()
+            .map_err(Into::into)
     }
 
     /// One sequence's rows `q` (`[heads, n, head_dim]`) against its keys and values

@@ -21,6 +21,6 @@ mod weights;
 pub use candle_core::{DType, Device, Tensor};
 pub use config::{LayerType, ModelConfig, MultimodalConfig, RopeParams, TextConfig};
 pub use error::{ModelError, Result};
-pub use kv_cache::{DEFAULT_BLOCK_SIZE, KvCache, KvCacheConfig, SequenceKv};
+pub use kv_cache::{CpuRows, DEFAULT_BLOCK_SIZE, KvCache, KvCacheConfig, SequenceKv};
 pub use model::{Gemma3, LoadInfo, LoadOptions, LogitsRows, ModelDType, ProgressFn, SeqInput};
 pub use weights::{HfLayout, Quantize, SafetensorsCheckpoint};
