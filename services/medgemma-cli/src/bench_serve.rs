@@ -92,8 +92,9 @@ pub(crate) fn percentile(xs: &mut [f64], p: f64) -> f64 {
     xs[i]
 }
 
-pub(crate) fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Peak resident memory (`VmHWM`) of a process, `self` or a pid, in MiB.
+pub(crate) fn peak_rss_mib(proc: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{proc}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -319,7 +320,7 @@ async fn bench(
             failed,
             elapsed,
             max_batch,
-            peak_rss_mib(),
+            peak_rss_mib("self"),
         ));
         if let Some(bin) = &llama {
             let ctx = c * (a.prompt_tokens + a.output_tokens as usize + 64);

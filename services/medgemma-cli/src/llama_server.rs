@@ -39,17 +39,6 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 /// Starts llama-server and waits until `/health` answers 200 (model loaded).
 fn start(
     bin: &Path,
@@ -202,7 +191,7 @@ pub fn run_level(
         failed += f;
     }
     let elapsed = t0.elapsed();
-    let peak_rss_mib = peak_rss_mib(server.child.id());
+    let peak_rss_mib = crate::bench_serve::peak_rss_mib(&server.child.id().to_string());
     drop(server);
     Ok((
         LlamaLevel {
