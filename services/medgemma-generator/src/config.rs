@@ -43,6 +43,11 @@ pub struct GeneratorArgs {
     /// Run a GGUF model's weights dequantized to f32.
     #[arg(long, env = "MEDGEMMA_DEQUANTIZE")]
     pub dequantize: bool,
+    /// Take image embeddings from the demo's random vision tower (`medgemma-vision` without
+    /// `--model`): declares that tower's image tokens on a decoder that has none of its own
+    /// (the demo GGUF), as `medgemma up` does for its multimodal pool.
+    #[arg(long, env = "MEDGEMMA_DEMO_VISION")]
+    pub demo_vision: bool,
     /// Where quantized models are cached (default: $MEDGEMMA_CACHE_DIR/quantized).
     #[arg(long, env = "MEDGEMMA_QUANT_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
@@ -199,7 +204,14 @@ impl GeneratorArgs {
             ),
             progress: None,
         };
-        let model = Gemma3::load(&path, &options).map_err(GeneratorError::Load)?;
+        let mut model = Gemma3::load(&path, &options).map_err(GeneratorError::Load)?;
+        if self.demo_vision {
+            let vision = medgemma_vision::VisionModelConfig::demo(model.config().text.hidden_size)
+                .map_err(|e| GeneratorError::Config(format!("--demo-vision: {e}")))?;
+            model
+                .set_multimodal(vision.to_model_config())
+                .map_err(GeneratorError::Load)?;
+        }
         Ok((model, tokenizer))
     }
 }

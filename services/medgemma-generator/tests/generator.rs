@@ -494,3 +494,39 @@ async fn bad_requests_get_invalid_argument_with_field_violations() {
     );
     let _ = &f.channel;
 }
+
+#[tokio::test]
+async fn a_prompt_over_max_input_tokens_is_invalid_argument_naming_the_limit() {
+    let mut cfg = config();
+    cfg.scheduler.max_input_tokens = Some(8);
+    let Some(mut f) = start(cfg).await else {
+        return;
+    };
+    let err = f
+        .client
+        .generate(request(vec![2; 9], 1, true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let v = medgemma_rpc::field_violations(&err);
+    assert_eq!(fields(&err), vec!["prompt_ids".to_owned()]);
+    assert!(
+        v[0].description.contains("--max-input-tokens") && v[0].description.contains('8'),
+        "{}",
+        v[0].description
+    );
+    // At the limit it is served, and nothing is left held.
+    let out = f
+        .client
+        .generate(request(vec![2; 8], 2, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.token_ids.len(), 2);
+    let stats = wait_stats(&mut f.client, Duration::from_secs(2), |s| {
+        s.active_sequences == 0 && s.kv_bytes_in_use == 0
+    })
+    .await;
+    assert_eq!((stats.active_sequences, stats.kv_bytes_in_use), (0, 0));
+    assert!(stats.steps >= 2 && stats.max_batch_size == 1, "{stats:?}");
+}
