@@ -108,6 +108,16 @@ fn alone(reqs: &[GenerationRequest]) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// The tiny 4B image prompt: its ids, transformers' greedy tokens and its image features.
+fn image_chat() -> (Vec<u32>, Vec<u32>, Tensor) {
+    let c = case("tiny-4b", "image_chat");
+    let feats = candle_core::safetensors::load(fixture("tiny-4b/golden.safetensors"), &Device::Cpu)
+        .unwrap()
+        .remove("image_chat.image_features")
+        .unwrap();
+    (ids(&c["prompt_ids"]), ids(&c["greedy_ids"]), feats)
+}
+
 /// Steps until nothing is left; the finished sequences with their token counts (a failure
 /// fails the test).
 fn run_to_end(e: &mut Engine) -> Vec<(u64, usize)> {
@@ -209,13 +219,7 @@ fn requests_joining_between_steps_and_preemption_keep_every_output() {
 
 #[test]
 fn image_prompts_chunk_without_splitting_an_image() {
-    let c = case("tiny-4b", "image_chat");
-    let prompt = ids(&c["prompt_ids"]);
-    let want = ids(&c["greedy_ids"]);
-    let feats = candle_core::safetensors::load(fixture("tiny-4b/golden.safetensors"), &Device::Cpu)
-        .unwrap()
-        .remove("image_chat.image_features")
-        .unwrap();
+    let (prompt, want, feats) = image_chat();
     let text = ids(&case("tiny-4b", "text_chat")["prompt_ids"]);
     for chunk in [3, 5, 8, 16, 64] {
         let mut e = engine("tiny-4b", KvCacheConfig::default(), sched(chunk, 8));
@@ -366,13 +370,7 @@ fn a_repeated_prefix_skips_its_prefill_and_changes_no_token() {
 
 #[test]
 fn image_prompts_share_a_prefix_only_with_the_same_image() {
-    let c = case("tiny-4b", "image_chat");
-    let prompt = ids(&c["prompt_ids"]);
-    let want = ids(&c["greedy_ids"]);
-    let feats = candle_core::safetensors::load(fixture("tiny-4b/golden.safetensors"), &Device::Cpu)
-        .unwrap()
-        .remove("image_chat.image_features")
-        .unwrap();
+    let (prompt, want, feats) = image_chat();
     let other = feats.affine(-4.0, 1.0).unwrap();
     let req = |f: &Tensor| {
         let mut r = GenerationRequest::new(prompt.clone(), want.len());

@@ -1,6 +1,8 @@
 //! `VisionEncoder::encode_bytes_batch`: several images, one tower forward, the same embeddings
 //! as one image at a time; an image that does not decode fails alone.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -38,20 +40,6 @@ fn broken_png() -> Vec<u8> {
     b
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Encodes every image alone and all of them (with a broken one in the middle) in one batch.
 fn check_batch_equals_alone(enc: &VisionEncoder) {
     let opts = DecodeOptions::default();
@@ -77,13 +65,13 @@ fn check_batch_equals_alone(enc: &VisionEncoder) {
     for (((name, _), want), got) in imgs.iter().zip(&alone).zip(got) {
         let got = got.unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(got.dims(), &[cfg.mm_tokens_per_image, cfg.text_hidden_size]);
-        let d = max_abs_diff(&got, want);
+        let d = common::max_abs_diff(&got, want);
         assert!(d <= TOL, "{name}: batched embeddings differ by {d}");
     }
     // The images are really different: a mix-up of rows would not pass unnoticed.
     for i in 0..alone.len() {
         for j in i + 1..alone.len() {
-            let d = max_abs_diff(&alone[i], &alone[j]);
+            let d = common::max_abs_diff(&alone[i], &alone[j]);
             assert!(
                 d > 1e-3,
                 "{} and {} encode alike ({d})",

@@ -2,6 +2,8 @@
 //! tools/fixtures/make_fixtures.py): 56 px images, patch 7 (8 x 8 patches), 16 soft tokens, so
 //! the projector pools with a 2 x 2 kernel; a non-square source image.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -18,20 +20,6 @@ fn golden(name: &str) -> Tensor {
         candle_core::safetensors::load(fixtures().join("tiny-4b/golden.safetensors"), &Device::Cpu)
             .unwrap();
     t[name].clone()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn encoder() -> VisionEncoder {
@@ -57,11 +45,11 @@ fn tower_and_projector_match_transformers_on_golden_pixels() {
     let pv = golden("image_chat.pixel_values");
     let tower = enc.tower_output(&pv).unwrap();
     let want = golden("image_chat.vision_tower").unsqueeze(0).unwrap();
-    let d = max_abs_diff(&tower, &want);
+    let d = common::max_abs_diff(&tower, &want);
     assert!(d <= TOL, "vision tower differs by {d}");
     let feats = enc.encode_pixels(&pv).unwrap();
     let want = golden("image_chat.image_features").unsqueeze(0).unwrap();
-    let d = max_abs_diff(&feats, &want);
+    let d = common::max_abs_diff(&feats, &want);
     assert!(d <= TOL, "projected embeddings differ by {d}");
 }
 
@@ -75,13 +63,13 @@ fn file_to_embeddings_matches_transformers() {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let d = max_abs_diff(&pv, &golden("image_chat.pixel_values"));
+    let d = common::max_abs_diff(&pv, &golden("image_chat.pixel_values"));
     assert!(
         d <= 2.0 / 255.0 + 1e-6,
         "pixel values differ by {d} (> one 8-bit level)"
     );
     let feats = enc.encode_bytes(&bytes, &DecodeOptions::default()).unwrap();
-    let d = max_abs_diff(&feats, &golden("image_chat.image_features"));
+    let d = common::max_abs_diff(&feats, &golden("image_chat.image_features"));
     assert!(d <= TOL, "embeddings from the file differ by {d}");
 }
 
@@ -101,7 +89,7 @@ fn bf16_tower_stays_close() {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    let d = max_abs_diff(&feats, &want);
+    let d = common::max_abs_diff(&feats, &want);
     assert!(
         d <= 0.05 * scale,
         "bf16 embeddings differ by {d} (scale {scale})"
@@ -118,10 +106,10 @@ fn batch_of_two_equals_one_at_a_time() {
         .unwrap();
     let a = enc.encode_pixels(&pv).unwrap();
     let b = enc.encode_pixels(&flipped).unwrap();
-    assert!(max_abs_diff(&both.get(0).unwrap(), &a.get(0).unwrap()) == 0.0);
-    assert!(max_abs_diff(&both.get(1).unwrap(), &b.get(0).unwrap()) == 0.0);
+    assert!(common::max_abs_diff(&both.get(0).unwrap(), &a.get(0).unwrap()) == 0.0);
+    assert!(common::max_abs_diff(&both.get(1).unwrap(), &b.get(0).unwrap()) == 0.0);
     assert!(
-        max_abs_diff(&a, &b) > 1e-3,
+        common::max_abs_diff(&a, &b) > 1e-3,
         "a mirrored image gave the same embeddings"
     );
 }
@@ -137,7 +125,7 @@ fn demo_tower_is_deterministic_and_sized_to_the_decoder() {
     assert_eq!(e1.dims(), &[64, 640]);
     let b = VisionEncoder::demo(640, 7, &Device::Cpu, DType::F32).unwrap();
     let e2 = b.encode_bytes(&bytes, &DecodeOptions::default()).unwrap();
-    assert_eq!(max_abs_diff(&e1, &e2), 0.0);
+    assert_eq!(common::max_abs_diff(&e1, &e2), 0.0);
     let std = e1
         .sqr()
         .unwrap()
@@ -202,6 +190,6 @@ fn prompt_logits_with_our_embeddings_match_transformers() {
     let (logits, _) = model
         .forward_with_hidden_states(&prompt, Some(&feats))
         .unwrap();
-    let d = max_abs_diff(&logits, &golden("image_chat.logits"));
+    let d = common::max_abs_diff(&logits, &golden("image_chat.logits"));
     assert!(d <= TOL, "prompt logits differ by {d}");
 }

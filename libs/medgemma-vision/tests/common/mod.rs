@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use candle_core::{DType, Tensor};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -162,4 +163,19 @@ pub fn max_diff_f32(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// The largest absolute difference between two tensors of one shape, in f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
