@@ -155,6 +155,8 @@ fn raise_exception(message: String) -> std::result::Result<String, minijinja::Er
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// The template's text (the prompt pipeline checks its escape sentinel is not in it).
+    source: std::sync::Arc<str>,
     bos_token: String,
     eos_token: String,
     origin: TemplateOrigin,
@@ -220,17 +222,20 @@ impl ChatTemplate {
         eos_token: &str,
         origin: TemplateOrigin,
     ) -> Result<Self> {
+        let source: String = source.into();
+        let text: std::sync::Arc<str> = source.as_str().into();
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned(TEMPLATE_NAME, source.into())
+        env.add_template_owned(TEMPLATE_NAME, source)
             .map_err(|e| TokenizerError::Template {
                 origin: origin.to_string(),
                 reason: describe(&e),
             })?;
         Ok(Self {
             env,
+            source: text,
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
             origin,
@@ -310,6 +315,11 @@ impl ChatTemplate {
         let mut template = Self::from_tokenizer_config(&path)?;
         template.origin = TemplateOrigin::Gemma3Fallback(path);
         Ok(template)
+    }
+
+    /// The template's Jinja text.
+    pub(crate) fn source(&self) -> &str {
+        &self.source
     }
 
     /// Where this template came from.

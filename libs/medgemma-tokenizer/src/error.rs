@@ -68,6 +68,9 @@ pub enum TokenizerError {
     /// roles that do not alternate user/assistant, or content of an invalid type).
     #[error("the chat template rejected the conversation: {0}")]
     ConversationRejected(String),
+    /// Text that cannot be encoded as the caller's ordinary text (never quoted).
+    #[error("text cannot be encoded: {0}")]
+    InvalidText(String),
     /// Image placeholders in a prompt do not match the images given, or the token ids after
     /// encoding do not hold the expected number of image tokens.
     #[error("image placeholders: {0}")]

@@ -169,6 +169,24 @@ impl ImageTokens {
         Ok(out)
     }
 
+    /// The positions of each run of image soft tokens in `ids`, in order.
+    pub fn spans(&self, ids: &[u32]) -> Vec<std::ops::Range<usize>> {
+        let mut spans = Vec::new();
+        let mut i = 0;
+        while i < ids.len() {
+            if ids[i] == self.image_id {
+                let start = i;
+                while i < ids.len() && ids[i] == self.image_id {
+                    i += 1;
+                }
+                spans.push(start..i);
+            } else {
+                i += 1;
+            }
+        }
+        spans
+    }
+
     /// Verifies encoded ids: `expected_runs` runs (images, crops included) of exactly
     /// `tokens_per_image` image tokens, each between BOI and EOI.
     pub fn check_ids(&self, ids: &[u32], expected_runs: usize) -> Result<()> {

@@ -1,6 +1,7 @@
 //! [`Tokenizer`]: a `tokenizers::Tokenizer` plus what the model's configs say about it.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use candle_core::quantized::gguf_file::Content;
 use serde_json::Value;
@@ -8,6 +9,7 @@ use serde_json::Value;
 use crate::chat::{ChatTemplate, TemplateOrigin};
 use crate::error::{Result, TokenizerError};
 use crate::image::ImageTokens;
+use crate::literal::Specials;
 
 /// Gemma stops generation on either of these: `<end_of_turn>` ends a chat turn, `<eos>` a
 /// document. Stopping on `<eos>` alone lets an instruction-tuned model run to the token limit,
@@ -46,6 +48,9 @@ pub struct Tokenizer {
     config_tokens: ConfigTokens,
     chat_template: Option<ChatTemplate>,
     vocab_size: usize,
+    /// Built on first use (it holds a second copy of the vocabulary): only what encodes chats
+    /// with [`crate::PromptEncoder`] needs it.
+    specials: OnceLock<std::result::Result<Specials, String>>,
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -196,6 +201,7 @@ impl Tokenizer {
             config_tokens,
             chat_template,
             vocab_size,
+            specials: OnceLock::new(),
         })
     }
 
@@ -240,6 +246,7 @@ impl Tokenizer {
             config_tokens: ConfigTokens::default(),
             chat_template,
             vocab_size,
+            specials: OnceLock::new(),
         })
     }
 
@@ -263,6 +270,29 @@ impl Tokenizer {
             ids.insert(0, bos);
         }
         Ok(ids)
+    }
+
+    /// Token ids for `text` taken as ordinary text: special-token strings in it (`<bos>`,
+    /// `<start_of_turn>`...) are encoded like any other text, and no BOS is added. What a
+    /// caller's text appended to a prompt's ids needs.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        self.specials()?.encode_plain(text)
+    }
+
+    /// The ids of the special tokens (`<bos>`, `<eos>`, `<start_of_turn>`, `<end_of_turn>`, the
+    /// image tokens...), in id order.
+    pub fn special_ids(&self) -> Result<&[u32]> {
+        Ok(self.specials()?.ids())
+    }
+
+    pub(crate) fn specials(&self) -> Result<&Specials> {
+        self.specials
+            .get_or_init(|| Specials::new(&self.inner).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|reason| TokenizerError::Tokenizers {
+                op: "index special tokens",
+                reason: reason.clone(),
+            })
     }
 
     /// Text for `ids`; with `skip_special`, special tokens (`<bos>`, `<end_of_turn>`...) are

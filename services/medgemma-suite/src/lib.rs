@@ -162,26 +162,22 @@ pub fn load_demo(cache: &Path, fetch: bool) -> Result<Loaded, SuiteError> {
     } else {
         medgemma_assets::DemoPaths::under(cache)
     };
-    let tokenizer = Tokenizer::from_path(&paths.tokenizer_dir)?;
-    let template = match tokenizer.chat_template() {
-        Some(t) => t.clone(),
-        None => medgemma_tokenizer::ChatTemplate::gemma3_default(cache)?,
-    };
+    let tokenizer = Arc::new(Tokenizer::from_path(&paths.tokenizer_dir)?);
     let opts = LoadOptions {
         cache_dir: Some(cache.join("quantized")),
         ..LoadOptions::default()
     };
     let text_model = Arc::new(Gemma3::load(&paths.gguf, &opts)?);
     let (multimodal_model, vision_service) = demo_vision(&paths.gguf, &opts)?;
-    let tokenizer_service = medgemma_tokenizer_service::TokenizerService::new(
-        tokenizer.clone(),
-        template,
-        vision_service.tokens_per_image(),
-    );
+    let tokens_per_image = vision_service.tokens_per_image();
+    let encoder =
+        medgemma_tokenizer::PromptEncoder::new(tokenizer.clone(), cache, tokens_per_image)?;
+    let tokenizer_service =
+        medgemma_tokenizer_service::TokenizerService::new(encoder, tokens_per_image);
     Ok(Loaded {
         text_model,
         multimodal_model,
-        tokenizer: Arc::new(tokenizer),
+        tokenizer,
         tokenizer_service,
         vision_service,
         model_id: medgemma_generator::model_id_for(&paths.gguf),

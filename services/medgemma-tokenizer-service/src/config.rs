@@ -1,8 +1,9 @@
 //! The command line of `medgemma-tokenizer`; every flag also reads a `MEDGEMMA_*` variable.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
-use medgemma_tokenizer::{ChatTemplate, Tokenizer};
+use medgemma_tokenizer::{PromptEncoder, Tokenizer};
 
 use crate::error::TokenizerServiceError;
 use crate::service::TokenizerService;
@@ -52,25 +53,16 @@ impl TokenizerArgs {
             (None, Some(model)) => Tokenizer::from_gguf_file(model)?,
             (None, None) => Tokenizer::from_path(medgemma_assets::demo_paths().tokenizer_dir)?,
         };
-        let template = match tokenizer.chat_template() {
-            Some(t) => t.clone(),
-            None => {
-                let cache = self
-                    .cache_dir
-                    .clone()
-                    .unwrap_or_else(medgemma_assets::cache_dir);
-                let t = ChatTemplate::gemma3_default(cache)?;
-                if let Some(note) = t.fallback_notice() {
-                    tracing::info!("{note}");
-                }
-                t
-            }
-        };
-        Ok(TokenizerService::new(
-            tokenizer,
-            template,
-            self.tokens_per_image as usize,
-        ))
+        let cache = self
+            .cache_dir
+            .clone()
+            .unwrap_or_else(medgemma_assets::cache_dir);
+        let tokens_per_image = self.tokens_per_image as usize;
+        let encoder = PromptEncoder::new(Arc::new(tokenizer), &cache, tokens_per_image)?;
+        if let Some(note) = encoder.template().fallback_notice() {
+            tracing::info!("{note}");
+        }
+        Ok(TokenizerService::new(encoder, tokens_per_image))
     }
 }
 

@@ -7,20 +7,20 @@ use medgemma_proto::tokenizer::v1 as pb;
 use medgemma_proto::tokenizer::v1::tokenizer_server::{Tokenizer as TokenizerRpc, TokenizerServer};
 use medgemma_rpc::{FieldViolation, bad_request, bad_request_violations};
 use medgemma_tokenizer::{
-    ChatMessage, ChatTemplate, ContentPart, ImageTokens, Tokenizer, TokenizerError,
+    ChatMessage, ContentPart, ImageTokens, PromptEncoder, Tokenizer, TokenizerError,
 };
 use tonic::{Request, Response, Status};
 
 use crate::config::service_limits::MAX_TOKENS_PER_IMAGE;
 
-/// Most messages in one `RenderChat`.
+/// Most messages in one `RenderChat` or `EncodeChat`.
 const MAX_MESSAGES: usize = 1024;
 
+/// Most continuations in one `EncodeChat`.
+const MAX_CONTINUATIONS: usize = 64;
+
 struct Inner {
-    tokenizer: Tokenizer,
-    template: ChatTemplate,
-    /// The image tokens at the default soft-token count; `None` for a text-only vocabulary.
-    image: Option<ImageTokens>,
+    encoder: PromptEncoder,
     tokens_per_image: usize,
 }
 
@@ -32,32 +32,22 @@ pub struct TokenizerService {
 
 impl std::fmt::Debug for TokenizerService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let e = &self.inner.encoder;
         f.debug_struct("TokenizerService")
-            .field("vocab_size", &self.inner.tokenizer.vocab_size())
-            .field("template", &self.inner.template.origin())
-            .field("image_tokens", &self.inner.image.is_some())
+            .field("vocab_size", &e.tokenizer().vocab_size())
+            .field("template", &e.template().origin())
+            .field("image_tokens", &e.image_tokens().is_some())
             .finish()
     }
-}
-
-fn image_tokens(tokenizer: &Tokenizer, tokens_per_image: usize) -> Option<ImageTokens> {
-    tokenizer.image_tokens(tokens_per_image).ok().or_else(|| {
-        ImageTokens::from_strings(
-            tokenizer,
-            "<start_of_image>",
-            "<image_soft_token>",
-            "<end_of_image>",
-            tokens_per_image,
-        )
-        .ok()
-    })
 }
 
 /// A tokenizer failure while serving a request: bad input for what the caller controls,
 /// INTERNAL otherwise. Never carries the text.
 fn tokenizer_status(e: TokenizerError) -> Status {
     match e {
-        TokenizerError::ConversationRejected(reason) => bad_request("messages", reason),
+        TokenizerError::ConversationRejected(reason) | TokenizerError::InvalidText(reason) => {
+            bad_request("messages", reason)
+        }
         TokenizerError::ImagePlaceholders(reason) => bad_request("image_count", reason),
         TokenizerError::InvalidTokenId { id: _, vocab_size } => bad_request(
             "ids",
@@ -82,17 +72,19 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl TokenizerService {
-    /// Serves `tokenizer` with `template`; `tokens_per_image` is the default soft-token count.
-    pub fn new(tokenizer: Tokenizer, template: ChatTemplate, tokens_per_image: usize) -> Self {
-        let image = image_tokens(&tokenizer, tokens_per_image);
+    /// Serves the prompt pipeline `encoder`; `tokens_per_image` is the default soft-token
+    /// count.
+    pub fn new(encoder: PromptEncoder, tokens_per_image: usize) -> Self {
         Self {
             inner: Arc::new(Inner {
-                tokenizer,
-                template,
-                image,
+                encoder,
                 tokens_per_image,
             }),
         }
+    }
+
+    fn tokenizer(&self) -> &Tokenizer {
+        self.inner.encoder.tokenizer()
     }
 
     /// The tonic server for this service, with raised message limits.
@@ -102,25 +94,27 @@ impl TokenizerService {
 
     /// The image tokens at `tokens_per_image` (or the default), or why not.
     fn image_layout(&self, tokens_per_image: Option<u32>) -> Result<ImageTokens, Status> {
-        let image = self.inner.image.as_ref().ok_or_else(|| {
+        let image = self.inner.encoder.image_tokens().ok_or_else(|| {
             Status::failed_precondition(
                 "this tokenizer has no image tokens (a text-only vocabulary)",
             )
         })?;
-        let n = match tokens_per_image {
-            None => self.inner.tokens_per_image,
-            Some(n) if n == 0 || n > MAX_TOKENS_PER_IMAGE => {
-                return Err(bad_request(
-                    "tokens_per_image",
-                    format!("must be in 1..={MAX_TOKENS_PER_IMAGE}"),
-                ));
-            }
-            Some(n) => n as usize,
-        };
         Ok(ImageTokens {
-            tokens_per_image: n,
+            tokens_per_image: self.tokens_per_image(tokens_per_image)?,
             ..image.clone()
         })
+    }
+
+    /// A request's soft tokens per image, or the default; INVALID_ARGUMENT out of range.
+    fn tokens_per_image(&self, requested: Option<u32>) -> Result<usize, Status> {
+        match requested {
+            None => Ok(self.inner.tokens_per_image),
+            Some(n) if n == 0 || n > MAX_TOKENS_PER_IMAGE => Err(bad_request(
+                "tokens_per_image",
+                format!("must be in 1..={MAX_TOKENS_PER_IMAGE}"),
+            )),
+            Some(n) => Ok(n as usize),
+        }
     }
 
     /// Expands, encodes and checks; the ids and the image spans.
@@ -131,10 +125,9 @@ impl TokenizerService {
         image_count: u32,
         tokens_per_image: Option<u32>,
     ) -> Result<(Vec<u32>, Vec<pb::ImageSpan>), Status> {
-        let inner = &self.inner;
         if image_count == 0 {
-            let ids = inner
-                .tokenizer
+            let ids = self
+                .tokenizer()
                 .encode(&text, add_special_tokens)
                 .map_err(tokenizer_status)?;
             return Ok((ids, Vec::new()));
@@ -143,30 +136,51 @@ impl TokenizerService {
         let expanded = layout
             .expand(&text, image_count as usize)
             .map_err(tokenizer_status)?;
-        let ids = inner
-            .tokenizer
+        let ids = self
+            .tokenizer()
             .encode(&expanded, add_special_tokens)
             .map_err(tokenizer_status)?;
         layout
             .check_ids(&ids, image_count as usize)
             .map_err(tokenizer_status)?;
-        let mut spans = Vec::with_capacity(image_count as usize);
-        let mut i = 0;
-        while i < ids.len() {
-            if ids[i] == layout.image_id {
-                let start = i;
-                while i < ids.len() && ids[i] == layout.image_id {
-                    i += 1;
-                }
-                spans.push(pb::ImageSpan {
-                    start: start as u32,
-                    length: (i - start) as u32,
-                });
-            } else {
-                i += 1;
-            }
-        }
+        let spans = layout.spans(&ids).into_iter().map(span).collect();
         Ok((ids, spans))
+    }
+
+    /// The prompt pipeline: render, expand, encode; the continuations as ordinary text.
+    fn encode_chat_blocking(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        tokens_per_image: usize,
+        continuations: &[String],
+    ) -> Result<pb::EncodeChatResponse, Status> {
+        let encoder = &self.inner.encoder;
+        let encoded = encoder
+            .encode_chat(messages, add_generation_prompt, Some(tokens_per_image))
+            .map_err(tokenizer_status)?;
+        let continuations = continuations
+            .iter()
+            .map(|text| {
+                encoder
+                    .tokenizer()
+                    .encode_text(text)
+                    .map(|ids| pb::TokenIds { ids })
+            })
+            .collect::<Result<_, _>>()
+            .map_err(tokenizer_status)?;
+        Ok(pb::EncodeChatResponse {
+            ids: encoded.ids,
+            image_spans: encoded.image_spans.into_iter().map(span).collect(),
+            continuations,
+        })
+    }
+}
+
+fn span(r: std::ops::Range<usize>) -> pb::ImageSpan {
+    pb::ImageSpan {
+        start: r.start as u32,
+        length: r.len() as u32,
     }
 }
 
@@ -224,12 +238,42 @@ impl TokenizerRpc for TokenizerService {
         let this = self.clone();
         let text = blocking(move || {
             this.inner
-                .template
+                .encoder
+                .template()
                 .render(&messages, req.add_generation_prompt)
                 .map_err(tokenizer_status)
         })
         .await?;
         Ok(Response::new(pb::RenderChatResponse { text, image_count }))
+    }
+
+    async fn encode_chat(
+        &self,
+        request: Request<pb::EncodeChatRequest>,
+    ) -> Result<Response<pb::EncodeChatResponse>, Status> {
+        let req = request.into_inner();
+        let (messages, image_count) = convert_messages(req.messages)?;
+        if req.continuations.len() > MAX_CONTINUATIONS {
+            return Err(bad_request(
+                "continuations",
+                format!("at most {MAX_CONTINUATIONS} continuations"),
+            ));
+        }
+        if image_count > 0 {
+            self.image_layout(req.tokens_per_image)?;
+        }
+        let tokens_per_image = self.tokens_per_image(req.tokens_per_image)?;
+        let this = self.clone();
+        let response = blocking(move || {
+            this.encode_chat_blocking(
+                &messages,
+                req.add_generation_prompt,
+                tokens_per_image,
+                &req.continuations,
+            )
+        })
+        .await?;
+        Ok(Response::new(response))
     }
 
     async fn encode(
@@ -255,7 +299,7 @@ impl TokenizerRpc for TokenizerService {
         request: Request<pb::DecodeRequest>,
     ) -> Result<Response<pb::DecodeResponse>, Status> {
         let r = request.into_inner();
-        let vocab = self.inner.tokenizer.vocab_size();
+        let vocab = self.tokenizer().vocab_size();
         if let Some(i) = r.ids.iter().position(|&id| id as usize >= vocab) {
             return Err(bad_request(
                 format!("ids[{i}]"),
@@ -264,8 +308,7 @@ impl TokenizerRpc for TokenizerService {
         }
         let this = self.clone();
         let text = blocking(move || {
-            this.inner
-                .tokenizer
+            this.tokenizer()
                 .decode(&r.ids, r.skip_special_tokens)
                 .map_err(tokenizer_status)
         })
@@ -314,13 +357,13 @@ impl TokenizerRpc for TokenizerService {
         &self,
         _request: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
-        let t = &self.inner.tokenizer;
+        let t = self.tokenizer();
         Ok(Response::new(pb::InfoResponse {
             vocab_size: t.vocab_size() as u32,
             bos_token_id: t.bos_id(),
             eos_token_ids: t.eos_ids().to_vec(),
-            chat_template_origin: self.inner.template.origin().to_string(),
-            has_image_tokens: self.inner.image.is_some(),
+            chat_template_origin: self.inner.encoder.template().origin().to_string(),
+            has_image_tokens: self.inner.encoder.image_tokens().is_some(),
             tokens_per_image: self.inner.tokens_per_image as u32,
         }))
     }
