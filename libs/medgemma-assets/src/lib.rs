@@ -128,6 +128,12 @@ pub fn cache_dir() -> PathBuf {
     }
 }
 
+/// Where quantized checkpoints are cached under the cache root `cache` (`<cache>/quantized`):
+/// the default of every `--cache-dir` / `MEDGEMMA_QUANT_CACHE_DIR`.
+pub fn quantization_cache_dir(cache: &Path) -> PathBuf {
+    cache.join("quantized")
+}
+
 /// Where the demo files are (or would be).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DemoPaths {

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use medgemma_engine::generate::{Engine, GenerationRequest, TokenEvent};
 use medgemma_engine::sampling::SamplingParams;
 use medgemma_model::{Gemma3, KvCacheConfig, LoadOptions, ModelDType, Quantize};
-use medgemma_tokenizer::{ChatMessage, ChatTemplate, ContentPart, ImageTokens, Tokenizer};
+use medgemma_tokenizer::{ChatMessage, ContentPart, ImageTokens, PromptEncoder, Tokenizer};
 use medgemma_vision::{DecodeOptions, VisionEncoder};
 
 /// Flags of `medgemma generate`.
@@ -141,9 +141,9 @@ pub fn load_options(
         device: medgemma_generator::device(device_spec)?,
         quantize,
         dequantize,
-        cache_dir: Some(
-            cache_dir.unwrap_or_else(|| medgemma_assets::cache_dir().join("quantized")),
-        ),
+        cache_dir: Some(cache_dir.unwrap_or_else(|| {
+            medgemma_assets::quantization_cache_dir(&medgemma_assets::cache_dir())
+        })),
         progress,
     })
 }
@@ -168,46 +168,11 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         Some(load_vision(&a, &opts)?)
     };
     let tokenizer = load_tokenizer(&a.model, a.tokenizer.as_deref())?;
+    let tokenizer = Arc::new(tokenizer);
     let prompt_ids = if a.raw {
         tokenizer.encode(&a.prompt, true)?
     } else {
-        let template = match tokenizer.chat_template() {
-            Some(t) => t.clone(),
-            None => {
-                let t = ChatTemplate::gemma3_default(medgemma_assets::cache_dir()).context(
-                    "the model carries no chat template and the Gemma 3 template from the fetched tokenizer is missing (run `medgemma fetch-demo`, or pass --raw)",
-                )?;
-                if let Some(note) = t.fallback_notice() {
-                    eprintln!("{note}");
-                }
-                t
-            }
-        };
-        let mut messages = Vec::new();
-        if let Some(s) = &a.system {
-            messages.push(ChatMessage::system(s.clone()));
-        }
-        let mut parts = vec![ContentPart::Image; a.images.len()];
-        parts.push(ContentPart::Text(a.prompt.clone()));
-        messages.push(ChatMessage::new("user", parts));
-        let rendered = template.render(&messages, true)?;
-        match &vision {
-            None => tokenizer.encode(&rendered, true)?,
-            Some(v) => {
-                let c = v.config();
-                let tokens = ImageTokens::from_ids(
-                    &tokenizer,
-                    c.boi_token_index,
-                    c.image_token_index,
-                    c.eoi_token_index,
-                    c.mm_tokens_per_image,
-                )
-                .context("the tokenizer lacks the model's image tokens")?;
-                let ids = tokenizer.encode(&tokens.expand(&rendered, a.images.len())?, true)?;
-                tokens.check_ids(&ids, a.images.len())?;
-                ids
-            }
-        }
+        chat_prompt_ids(&a, &tokenizer, vision.as_ref())?
     };
     let mut model =
         Gemma3::load(&a.model, &opts).with_context(|| format!("loading {}", a.model.display()))?;
@@ -265,11 +230,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         constraint,
         logprob_token_ids: Vec::new(),
     };
-    let mut engine = Engine::new(
-        Arc::new(model),
-        Arc::new(tokenizer),
-        KvCacheConfig::default(),
-    );
+    let mut engine = Engine::new(Arc::new(model), tokenizer, KvCacheConfig::default());
     let stream = !a.json;
     let mut stdout = std::io::stdout();
     let out = engine.generate(&req, &mut |ev: &TokenEvent<'_>| {
@@ -329,6 +290,44 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 /// The vision tower for `--image`: `--vision-model`, the demo tower, or `--model` itself.
+/// The prompt as one user turn (after the system prompt, images first) through the prompt
+/// pipeline: the model's own template or the Gemma 3 one, the text of `--prompt` and `--system`
+/// as ordinary text (a `<start_of_turn>` typed in it cannot forge a turn).
+fn chat_prompt_ids(
+    a: &GenerateArgs,
+    tokenizer: &Arc<Tokenizer>,
+    vision: Option<&VisionEncoder>,
+) -> anyhow::Result<Vec<u32>> {
+    // Gemma 3's 256 soft tokens per image; with --image the vision config's count replaces it.
+    let mut encoder = PromptEncoder::new(tokenizer.clone(), &medgemma_assets::cache_dir(), 256)
+    .context(
+        "the model carries no chat template and the Gemma 3 template from the fetched tokenizer is missing (run `medgemma fetch-demo`, or pass --raw)",
+    )?;
+    if let Some(note) = encoder.template().fallback_notice() {
+        eprintln!("{note}");
+    }
+    if let Some(v) = vision {
+        let c = v.config();
+        let tokens = ImageTokens::from_ids(
+            tokenizer,
+            c.boi_token_index,
+            c.image_token_index,
+            c.eoi_token_index,
+            c.mm_tokens_per_image,
+        )
+        .context("the tokenizer lacks the model's image tokens")?;
+        encoder = encoder.with_image_tokens(tokens);
+    }
+    let mut messages = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(ChatMessage::system(s.clone()));
+    }
+    let mut parts = vec![ContentPart::Image; a.images.len()];
+    parts.push(ContentPart::Text(a.prompt.clone()));
+    messages.push(ChatMessage::new("user", parts));
+    Ok(encoder.encode_chat(&messages, true, None)?.ids)
+}
+
 fn load_vision(a: &GenerateArgs, opts: &LoadOptions) -> anyhow::Result<VisionEncoder> {
     let dtype = opts.dtype.to_candle()?;
     if a.demo_vision {

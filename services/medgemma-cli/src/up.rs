@@ -21,7 +21,7 @@ use crate::client;
 /// report; the same file the vision crate's tests decode.
 const DEMO_IMAGE: &[u8] = include_bytes!("../../../libs/medgemma-vision/tests/data/RG1_J2KI.dcm");
 
-/// The demo's clinical note, from the field report (`shared/seed`).
+/// The demo's clinical note, from the MedGemma field report our users start from.
 const DEMO_NOTE: &str = "病患,65 歲男性,主訴胸悶及呼吸困難三天,昨夜症狀加劇。體檢:血壓 155/95 mmHg,\
 心率 88 次/分,SpO2 94%。胸部 X 光顯示輕度肺水腫跡象。BNP 升高至 450 pg/mL。\
 診斷:急性心臟衰竭急性發作(HFrEF)。處置:給予靜脈注射利尿劑,低鹽飲食衛教。安排心臟科門診追蹤。";

@@ -1,4 +1,4 @@
-//! The task prompts, after the field report our users start from (`shared/seed`): its system
+//! The task prompts, after the MedGemma field report our users start from: its system
 //! prompt, its summary, multiple-choice and radiology prompts. Instructions are written in
 //! English and the output language is asked for explicitly, as the report advises (MedGemma's
 //! medical training is mostly English: English input, Chinese output).

@@ -1,5 +1,5 @@
-//! The four clinical tasks: prompt rendering through the tokenizer service, the vision service
-//! for images, generation on a pool, typed results.
+//! The four clinical tasks: each prompt encoded by one `EncodeChat` call to the tokenizer
+//! service, the vision service for images, generation on a pool, typed results.
 //!
 //! Every downstream call carries the caller's trace context and remaining deadline, and the
 //! gateway enforces the deadline itself. Streams are dropped (which cancels the generator's
@@ -13,7 +13,7 @@ use medgemma_proto::generation::v1 as gen_pb;
 use medgemma_proto::tokenizer::v1 as tok_pb;
 use medgemma_proto::vision::v1 as vis_pb;
 use medgemma_rpc::trace::TraceContext;
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Code, Request};
 
@@ -67,8 +67,6 @@ pub struct Tasks {
     pub multimodal: Arc<Pool>,
     pub vision: Arc<Pool>,
     pub disclaimer: String,
-    /// The token ids of the option letters `A`..`J` (asked of the tokenizer once).
-    letter_ids: OnceCell<Vec<u32>>,
 }
 
 /// Token counts and timings summed over a task's model calls.
@@ -131,6 +129,22 @@ fn gen_sampling(s: &Sampling) -> gen_pb::SamplingParams {
         top_k: s.top_k,
         max_new_tokens: Some(s.max_new_tokens),
         seed: s.seed,
+        ..Default::default()
+    }
+}
+
+/// A generation of `prompt_ids` with the task's sampling, under the JSON `schema` when given.
+fn gen_request(
+    prompt_ids: Vec<u32>,
+    sampling: &Sampling,
+    schema: Option<String>,
+) -> gen_pb::GenerateRequest {
+    gen_pb::GenerateRequest {
+        prompt_ids,
+        sampling: Some(gen_sampling(sampling)),
+        constraint: schema.map(|s| gen_pb::Constraint {
+            kind: Some(gen_pb::constraint::Kind::JsonSchema(s)),
+        }),
         ..Default::default()
     }
 }
@@ -214,85 +228,71 @@ impl Tasks {
             multimodal,
             vision,
             disclaimer,
-            letter_ids: OnceCell::new(),
         }
     }
 
-    async fn render(
+    /// The prompt of `messages` (with the opening of the model's turn) as token ids, in one
+    /// tokenizer call: `EncodeChat`. `continuations` come back encoded on their own as
+    /// ordinary text, to be appended.
+    async fn encode_chat(
         &self,
         ctx: &CallCtx,
         messages: Vec<tok_pb::ChatMessage>,
-    ) -> Result<String, GatewayError> {
+        tokens_per_image: Option<u32>,
+        continuations: Vec<String>,
+    ) -> Result<tok_pb::EncodeChatResponse, GatewayError> {
         let fut = self.tokenizer.call(|ch| {
-            let req = ctx.request(tok_pb::RenderChatRequest {
+            let req = ctx.request(tok_pb::EncodeChatRequest {
                 messages: messages.clone(),
                 add_generation_prompt: true,
-            });
-            async move {
-                let mut c =
-                    medgemma_rpc::with_limits!(tok_pb::tokenizer_client::TokenizerClient::new(ch));
-                c.render_chat(req).await.map(|r| r.into_inner().text)
-            }
-        });
-        ctx.bounded("rendering the prompt", fut).await
-    }
-
-    async fn encode(
-        &self,
-        ctx: &CallCtx,
-        text: String,
-        image_count: u32,
-        tokens_per_image: Option<u32>,
-    ) -> Result<Vec<u32>, GatewayError> {
-        let fut = self.tokenizer.call(|ch| {
-            let req = ctx.request(tok_pb::EncodeRequest {
-                text: text.clone(),
-                add_special_tokens: false,
-                image_count,
                 tokens_per_image,
+                continuations: continuations.clone(),
             });
             async move {
                 let mut c =
                     medgemma_rpc::with_limits!(tok_pb::tokenizer_client::TokenizerClient::new(ch));
-                c.encode(req).await.map(|r| r.into_inner().ids)
+                c.encode_chat(req).await.map(|r| r.into_inner())
             }
         });
         ctx.bounded("encoding the prompt", fut).await
     }
 
-    /// The ids of the option letters, asked of the tokenizer once: the first id of each letter
-    /// encoded alone (Gemma's vocabulary has every capital letter as one token).
-    async fn letter_ids(&self, ctx: &CallCtx) -> Result<&[u32], GatewayError> {
-        let ids = self
-            .letter_ids
-            .get_or_try_init(|| async {
-                let mut ids = Vec::with_capacity(OPTION_LETTERS.len());
-                for letter in OPTION_LETTERS {
-                    let enc = self.encode(ctx, letter.to_owned(), 0, None).await?;
-                    let first = *enc
-                        .first()
-                        .ok_or_else(|| GatewayError::BadUpstreamResponse {
-                            pool: self.tokenizer.name(),
-                            reason: format!("option letter {letter} encodes to no token"),
-                        })?;
-                    if enc.len() > 1 {
-                        tracing::warn!(
-                            letter,
-                            tokens = enc.len(),
-                            "option letter is several tokens; using the first"
-                        );
-                    }
-                    if ids.contains(&first) {
-                        return Err(GatewayError::BadUpstreamResponse {
-                            pool: self.tokenizer.name(),
-                            reason: "two option letters share a token id".into(),
-                        });
-                    }
-                    ids.push(first);
-                }
-                Ok::<_, GatewayError>(ids)
-            })
-            .await?;
+    /// [`encode_chat`](Self::encode_chat) of a text-only prompt: its ids.
+    async fn prompt_ids(
+        &self,
+        ctx: &CallCtx,
+        messages: Vec<tok_pb::ChatMessage>,
+    ) -> Result<Vec<u32>, GatewayError> {
+        Ok(self.encode_chat(ctx, messages, None, Vec::new()).await?.ids)
+    }
+
+    /// The option letters' token ids: the first id of each letter encoded alone (Gemma's
+    /// vocabulary has every capital letter as one token); distinct, or the tokenizer is wrong.
+    fn letter_ids(&self, encoded: &[tok_pb::TokenIds]) -> Result<Vec<u32>, GatewayError> {
+        let mut ids = Vec::with_capacity(encoded.len());
+        for (enc, letter) in encoded.iter().zip(OPTION_LETTERS) {
+            let first = *enc
+                .ids
+                .first()
+                .ok_or_else(|| GatewayError::BadUpstreamResponse {
+                    pool: self.tokenizer.name(),
+                    reason: format!("option letter {letter} encodes to no token"),
+                })?;
+            if enc.ids.len() > 1 {
+                tracing::warn!(
+                    letter,
+                    tokens = enc.ids.len(),
+                    "option letter is several tokens; using the first"
+                );
+            }
+            if ids.contains(&first) {
+                return Err(GatewayError::BadUpstreamResponse {
+                    pool: self.tokenizer.name(),
+                    reason: "two option letters share a token id".into(),
+                });
+            }
+            ids.push(first);
+        }
         Ok(ids)
     }
 
@@ -369,17 +369,12 @@ impl Tasks {
     ) -> Result<pb::AskResponse, GatewayError> {
         let started = Instant::now();
         let messages = chat(task.system.as_deref(), vec![text_part(task.question)]);
-        let rendered = self.render(ctx, messages).await?;
-        let ids = self.encode(ctx, rendered, 0, None).await?;
+        let ids = self.prompt_ids(ctx, messages).await?;
         let r = self
             .generate(
                 &self.text,
                 ctx,
-                gen_pb::GenerateRequest {
-                    prompt_ids: ids,
-                    sampling: Some(gen_sampling(&task.sampling)),
-                    ..Default::default()
-                },
+                gen_request(ids, &task.sampling, None),
                 deltas,
                 "question",
             )
@@ -411,22 +406,16 @@ impl Tasks {
                 &task.output_language,
             ))],
         );
-        let rendered = self.render(ctx, messages).await?;
-        let ids = self.encode(ctx, rendered, 0, None).await?;
+        let ids = self.prompt_ids(ctx, messages).await?;
         let r = self
             .generate(
                 &self.text,
                 ctx,
-                gen_pb::GenerateRequest {
-                    prompt_ids: ids,
-                    sampling: Some(gen_sampling(&task.sampling)),
-                    constraint: Some(gen_pb::Constraint {
-                        kind: Some(gen_pb::constraint::Kind::JsonSchema(
-                            structured::summary_schema().to_string(),
-                        )),
-                    }),
-                    ..Default::default()
-                },
+                gen_request(
+                    ids,
+                    &task.sampling,
+                    Some(structured::summary_schema().to_string()),
+                ),
                 deltas,
                 "note",
             )
@@ -472,7 +461,6 @@ impl Tasks {
     ) -> Result<pb::AnswerMultipleChoiceResponse, GatewayError> {
         let started = Instant::now();
         let n = task.options.len();
-        let letters = self.letter_ids(ctx).await?[..n].to_vec();
         let messages = chat(
             Some(prompt::MEDICAL_SYSTEM_PROMPT),
             vec![text_part(prompt::multiple_choice(
@@ -480,14 +468,36 @@ impl Tasks {
                 &task.options,
             ))],
         );
-        let rendered = self.render(ctx, messages).await?;
-        let ids = self.encode(ctx, rendered.clone(), 0, None).await?;
+        // One tokenizer call: the prompt, the option letters, and for each option what the
+        // model's turn starts with once it is chosen.
+        let mut continuations: Vec<String> =
+            OPTION_LETTERS[..n].iter().map(|&l| l.to_owned()).collect();
+        continuations.extend(
+            task.options
+                .iter()
+                .zip(OPTION_LETTERS)
+                .map(|(o, l)| prompt::multiple_choice_answer_prefix(l, o)),
+        );
+        let encoded = self.encode_chat(ctx, messages, None, continuations).await?;
+        if encoded.continuations.len() != 2 * n {
+            return Err(GatewayError::BadUpstreamResponse {
+                pool: self.tokenizer.name(),
+                reason: format!(
+                    "asked for {} continuations, got {}",
+                    2 * n,
+                    encoded.continuations.len()
+                ),
+            });
+        }
+        let (letter_ids, answers) = encoded.continuations.split_at(n);
+        let letters = self.letter_ids(letter_ids)?;
+        let ids = encoded.ids;
         let scored = self
             .generate(
                 &self.text,
                 ctx,
                 gen_pb::GenerateRequest {
-                    prompt_ids: ids,
+                    prompt_ids: ids.clone(),
                     sampling: Some(gen_pb::SamplingParams {
                         temperature: Some(0.0),
                         max_new_tokens: Some(1),
@@ -525,20 +535,15 @@ impl Tasks {
         let probabilities = softmax(&lps);
         let chosen = argmax(&probabilities);
         let letter = OPTION_LETTERS[chosen];
-        let answered = format!(
-            "{rendered}{}",
-            prompt::multiple_choice_answer_prefix(letter, &task.options[chosen])
-        );
-        let ids = self.encode(ctx, answered, 0, None).await?;
+        // The first call's ids, then the chosen answer's: the generator's prefix cache serves
+        // the shared prompt.
+        let mut ids = ids;
+        ids.extend_from_slice(&answers[chosen].ids);
         let r = self
             .generate(
                 &self.text,
                 ctx,
-                gen_pb::GenerateRequest {
-                    prompt_ids: ids,
-                    sampling: Some(gen_sampling(&task.sampling)),
-                    ..Default::default()
-                },
+                gen_request(ids, &task.sampling, None),
                 deltas,
                 "question",
             )
@@ -559,20 +564,12 @@ impl Tasks {
         })
     }
 
-    /// `DraftRadiologyReport`: the vision pool encodes the image, the multimodal pool writes the
-    /// report with the embeddings in place of the image tokens.
-    pub async fn report(
+    /// The vision pool's embedding of one image, and how long it took (ms).
+    async fn embed_image(
         &self,
         ctx: &CallCtx,
-        task: ReportTask,
-        deltas: Option<&Deltas>,
-    ) -> Result<pb::DraftRadiologyReportResponse, GatewayError> {
-        let started = Instant::now();
-        let image = vis_pb::Image {
-            data: task.image,
-            mime_type: task.mime_type,
-            dicom_frame: None,
-        };
+        image: vis_pb::Image,
+    ) -> Result<(vis_pb::Embedding, f64), GatewayError> {
         let t_vision = Instant::now();
         let embed = self.vision.call(|ch| {
             let req = ctx.request(vis_pb::EmbedRequest {
@@ -590,7 +587,6 @@ impl Tasks {
             .await
             .map_err(blame_image)?;
         let vision_ms = t_vision.elapsed().as_secs_f64() * 1e3;
-        drop(image);
         let [emb]: [vis_pb::Embedding; 1] =
             embedded.embeddings.try_into().map_err(|v: Vec<_>| {
                 GatewayError::BadUpstreamResponse {
@@ -598,14 +594,23 @@ impl Tasks {
                     reason: format!("asked for 1 embedding, got {}", v.len()),
                 }
             })?;
-        let tokens_per_image = match emb.shape.as_slice() {
-            [rows, _hidden] if *rows > 0 => *rows,
-            other => {
-                return Err(GatewayError::BadUpstreamResponse {
-                    pool: self.vision.name(),
-                    reason: format!("embedding shape {other:?} is not [rows, hidden]"),
-                });
-            }
+        Ok((emb, vision_ms))
+    }
+
+    /// `DraftRadiologyReport`: the vision pool encodes the image while the tokenizer encodes
+    /// the prompt, then the multimodal pool writes the report with the embeddings in place of
+    /// the image tokens.
+    pub async fn report(
+        &self,
+        ctx: &CallCtx,
+        task: ReportTask,
+        deltas: Option<&Deltas>,
+    ) -> Result<pb::DraftRadiologyReportResponse, GatewayError> {
+        let started = Instant::now();
+        let image = vis_pb::Image {
+            data: task.image,
+            mime_type: task.mime_type,
+            dicom_frame: None,
         };
         let messages = chat(
             None,
@@ -614,29 +619,45 @@ impl Tasks {
                 text_part(prompt::radiology_report(&task.modality, &task.body_part)),
             ],
         );
-        let rendered = self.render(ctx, messages).await?;
-        let ids = self
-            .encode(ctx, rendered, 1, Some(tokens_per_image))
-            .await?;
+        // The prompt is encoded at the tokenizer's soft-token count while the image is encoded;
+        // only if the vision service's embedding has another row count is it encoded again.
+        let ((emb, vision_ms), encoded) = tokio::try_join!(
+            self.embed_image(ctx, image),
+            self.encode_chat(ctx, messages.clone(), None, Vec::new()),
+        )?;
+        let rows = match emb.shape.as_slice() {
+            [rows, _hidden] if *rows > 0 => *rows,
+            other => {
+                return Err(GatewayError::BadUpstreamResponse {
+                    pool: self.vision.name(),
+                    reason: format!("embedding shape {other:?} is not [rows, hidden]"),
+                });
+            }
+        };
+        let ids = match encoded.image_spans.as_slice() {
+            [span] if span.length == rows => encoded.ids,
+            _ => {
+                self.encode_chat(ctx, messages, Some(rows), Vec::new())
+                    .await?
+                    .ids
+            }
+        };
         let r = self
             .generate(
                 &self.multimodal,
                 ctx,
                 gen_pb::GenerateRequest {
-                    prompt_ids: ids,
                     image_embeddings: vec![gen_pb::ImageEmbedding {
                         data: emb.data,
                         dtype: emb.dtype,
                         shape: emb.shape,
                         sha256: emb.sha256,
                     }],
-                    sampling: Some(gen_sampling(&task.sampling)),
-                    constraint: Some(gen_pb::Constraint {
-                        kind: Some(gen_pb::constraint::Kind::JsonSchema(
-                            structured::report_schema().to_string(),
-                        )),
-                    }),
-                    ..Default::default()
+                    ..gen_request(
+                        ids,
+                        &task.sampling,
+                        Some(structured::report_schema().to_string()),
+                    )
                 },
                 deltas,
                 "image",
@@ -691,20 +712,12 @@ impl Tasks {
                     None,
                     vec![text_part(model::prompt(&text[w.start..w.end], language))],
                 );
-                let rendered = self.render(ctx, messages).await?;
-                let ids = self.encode(ctx, rendered, 0, None).await?;
+                let ids = self.prompt_ids(ctx, messages).await?;
                 let r = self
                     .generate(
                         &self.text,
                         ctx,
-                        gen_pb::GenerateRequest {
-                            prompt_ids: ids,
-                            sampling: Some(gen_sampling(&task.sampling)),
-                            constraint: Some(gen_pb::Constraint {
-                                kind: Some(gen_pb::constraint::Kind::JsonSchema(schema.clone())),
-                            }),
-                            ..Default::default()
-                        },
+                        gen_request(ids, &task.sampling, Some(schema.clone())),
                         None,
                         "text",
                     )

@@ -197,11 +197,9 @@ impl GeneratorArgs {
             device: device(&self.device)?,
             quantize: self.quantize,
             dequantize: self.dequantize,
-            cache_dir: Some(
-                self.cache_dir
-                    .clone()
-                    .unwrap_or_else(|| medgemma_assets::cache_dir().join("quantized")),
-            ),
+            cache_dir: Some(self.cache_dir.clone().unwrap_or_else(|| {
+                medgemma_assets::quantization_cache_dir(&medgemma_assets::cache_dir())
+            })),
             progress: None,
         };
         let mut model = Gemma3::load(&path, &options).map_err(GeneratorError::Load)?;

@@ -164,7 +164,7 @@ pub fn load_demo(cache: &Path, fetch: bool) -> Result<Loaded, SuiteError> {
     };
     let tokenizer = Arc::new(Tokenizer::from_path(&paths.tokenizer_dir)?);
     let opts = LoadOptions {
-        cache_dir: Some(cache.join("quantized")),
+        cache_dir: Some(medgemma_assets::quantization_cache_dir(cache)),
         ..LoadOptions::default()
     };
     let text_model = Arc::new(Gemma3::load(&paths.gguf, &opts)?);
