@@ -38,6 +38,21 @@ pub fn init_logging(default_level: &str) {
         )
         .init();
 }
+/// Sets `RAYON_NUM_THREADS` to the available parallelism unless it is set: candle asks for the
+/// thread count on every parallel CPU op and, without it, re-reads /proc/cpuinfo each time
+/// (~5% of a decode step). Every binary that holds a model calls it first thing in `main`,
+/// before any other thread exists (so before a tokio runtime is built).
+#[allow(unsafe_code)]
+pub fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        // SAFETY: the caller runs this at the top of main, while the process has one thread.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
+}
+
 pub use layer::{RpcLayer, RpcService};
 pub use server::{Health, RpcServer, Running, ServeOptions, shutdown_signal};
 pub use status::{

@@ -84,21 +84,8 @@ struct FetchDemoArgs {
     verify: bool,
 }
 
-/// candle asks for the thread count on every parallel CPU op and, unless `RAYON_NUM_THREADS`
-/// is set, re-reads /proc/cpuinfo each time (~5% of a decode step). Set it once, first thing.
-#[allow(unsafe_code)]
-fn pin_thread_count() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        // SAFETY: called at the top of main, before any other thread exists.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
-    }
-}
-
 fn main() {
-    pin_thread_count();
+    medgemma_rpc::pin_thread_count();
     medgemma_rpc::init_logging("warn");
     let cli = Cli::parse();
     let res = match cli.command {

@@ -95,17 +95,3 @@ pub(crate) fn engine_status(e: &EngineError) -> Status {
         EngineError::Internal(reason) => Status::internal(reason.clone()),
     }
 }
-
-impl From<GeneratorError> for Status {
-    fn from(e: GeneratorError) -> Self {
-        match e {
-            GeneratorError::Engine(e) => engine_status(&e),
-            GeneratorError::WorkerGone => Status::unavailable(e.to_string()),
-            GeneratorError::Load(_)
-            | GeneratorError::Tokenizer(_)
-            | GeneratorError::Config(_)
-            | GeneratorError::Rpc(_)
-            | GeneratorError::Warmup(_) => Status::internal(e.to_string()),
-        }
-    }
-}

@@ -660,8 +660,11 @@ fn bad_requests_get_the_right_codes() {
 #[derive(Clone)]
 struct RecordingTokenizer {
     inner: medgemma_tokenizer_service::TokenizerService,
-    calls: std::sync::Arc<std::sync::Mutex<Vec<(&'static str, Vec<Vec<u32>>)>>>,
+    calls: std::sync::Arc<std::sync::Mutex<Vec<Call>>>,
 }
+
+/// One recorded tokenizer call: the RPC, and the id lists it returned (`EncodeChat` only).
+type Call = (&'static str, Vec<Vec<u32>>);
 
 type TokResult<T> = Result<tonic::Response<T>, tonic::Status>;
 
@@ -670,7 +673,7 @@ impl RecordingTokenizer {
         self.calls.lock().unwrap().push((rpc, ids));
     }
 
-    fn take(&self) -> Vec<(&'static str, Vec<Vec<u32>>)> {
+    fn take(&self) -> Vec<Call> {
         std::mem::take(&mut *self.calls.lock().unwrap())
     }
 }

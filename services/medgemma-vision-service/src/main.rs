@@ -15,8 +15,15 @@ struct Cli {
     args: medgemma_vision_service::VisionArgs,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    medgemma_rpc::pin_thread_count();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     medgemma_rpc::init_logging("info");
     let cli = Cli::parse();
     tracing::info!(config = ?cli.args, "starting vision service");
