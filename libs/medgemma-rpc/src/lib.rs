@@ -53,6 +53,16 @@ pub fn pin_thread_count() {
     }
 }
 
+/// The `main` of a server binary that holds a model: [`pin_thread_count`], then a
+/// multi-threaded tokio runtime that runs `main` to completion.
+pub fn run_pinned<T>(main: impl std::future::Future<Output = T>) -> std::io::Result<T> {
+    pin_thread_count();
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(main))
+}
+
 pub use layer::{RpcLayer, RpcService};
 pub use server::{Health, RpcServer, Running, ServeOptions, shutdown_signal};
 pub use status::{

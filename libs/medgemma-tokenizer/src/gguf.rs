@@ -190,7 +190,8 @@ pub(crate) fn generate_merges(
         .collect()
 }
 
-pub(crate) fn build(content: &Content) -> Result<GgufTokenizer> {
+/// The vocabulary's pieces (respelled) and token types, after checking the model kind.
+fn pieces_and_types(content: &Content) -> Result<(Vec<String>, Vec<i32>)> {
     let model = meta_string(content, "tokenizer.ggml.model")?
         .ok_or_else(|| TokenizerError::Gguf("tokenizer.ggml.model is missing".into()))?;
     if model != "llama" {
@@ -252,7 +253,11 @@ pub(crate) fn build(content: &Content) -> Result<GgufTokenizer> {
                 .collect::<Result<_>>()?
         }
     };
+    Ok((pieces, types))
+}
 
+/// Piece -> id; a piece twice is an error.
+fn vocab(pieces: &[String]) -> Result<Vocab> {
     let mut vocab = Vocab::default();
     for (id, piece) in pieces.iter().enumerate() {
         // `n` fits in u32 (checked above).
@@ -263,8 +268,18 @@ pub(crate) fn build(content: &Content) -> Result<GgufTokenizer> {
             )));
         }
     }
+    Ok(vocab)
+}
 
-    let merges = match meta_array(content, "tokenizer.ggml.merges")? {
+/// The BPE merges: the file's, else recovered from the scores (see [`generate_merges`]).
+fn merges(
+    content: &Content,
+    pieces: &[String],
+    types: &[i32],
+    vocab: &Vocab,
+) -> Result<Vec<(String, String)>> {
+    let n = pieces.len();
+    Ok(match meta_array(content, "tokenizer.ggml.merges")? {
         Some(values) => values
             .iter()
             .enumerate()
@@ -308,7 +323,7 @@ pub(crate) fn build(content: &Content) -> Result<GgufTokenizer> {
             // writes -1000. The merge order of tokenizer.json follows SentencePiece.
             let scores: Vec<f32> = scores
                 .iter()
-                .zip(&types)
+                .zip(types)
                 .map(|(&s, &t)| {
                     if t == TYPE_CONTROL || t == TYPE_USER_DEFINED {
                         0.0
@@ -317,10 +332,61 @@ pub(crate) fn build(content: &Content) -> Result<GgufTokenizer> {
                     }
                 })
                 .collect();
-            generate_merges(&pieces, &scores, &vocab)
+            generate_merges(pieces, &scores, vocab)
         }
-    };
+    })
+}
 
+/// Normalizer, pre-tokenizer, decoder and (with BOS) post-processor of a SentencePiece
+/// vocabulary, as transformers' Gemma `tokenizer.json` has them.
+fn set_pipeline(
+    inner: &mut tokenizers::Tokenizer,
+    add_space_prefix: bool,
+    bos: Option<(String, u32)>,
+) -> Result<()> {
+    let replace_space = Replace::new(" ", "\u{2581}")
+        .map_err(|e| TokenizerError::Gguf(format!("cannot build the normalizer: {e}")))?;
+    if add_space_prefix {
+        inner.with_normalizer(Some(NormalizerSequence::new(vec![
+            NormalizerWrapper::Prepend(Prepend::new(SPACE_MARKER.to_string())),
+            NormalizerWrapper::Replace(replace_space),
+        ])));
+    } else {
+        inner.with_normalizer(Some(replace_space));
+    }
+    let split = Split::new(" ", SplitDelimiterBehavior::MergedWithPrevious, false)
+        .map_err(|e| TokenizerError::Gguf(format!("cannot build the pre-tokenizer: {e}")))?;
+    inner.with_pre_tokenizer(Some(split));
+    let mut decoders: Vec<DecoderWrapper> = vec![
+        DecoderWrapper::Replace(
+            Replace::new("\u{2581}", " ")
+                .map_err(|e| TokenizerError::Gguf(format!("cannot build the decoder: {e}")))?,
+        ),
+        DecoderWrapper::ByteFallback(ByteFallback::new()),
+        DecoderWrapper::Fuse(Fuse::new()),
+    ];
+    if add_space_prefix {
+        decoders.push(DecoderWrapper::Strip(StripDecoder::new(' ', 1, 0)));
+    }
+    inner.with_decoder(Some(DecoderSequence::new(decoders)));
+    if let Some((bos_piece, bos)) = bos {
+        let template = TemplateProcessing::builder()
+            .try_single(format!("{bos_piece} $A"))
+            .and_then(|b| b.try_pair(format!("{bos_piece} $A {bos_piece}:1 $B:1")))
+            .map_err(|e| TokenizerError::Gguf(format!("cannot build the post-processor: {e}")))?
+            .special_tokens(vec![(bos_piece, bos)])
+            .build()
+            .map_err(|e| TokenizerError::Gguf(format!("cannot build the post-processor: {e}")))?;
+        inner.with_post_processor(Some(template));
+    }
+    Ok(())
+}
+
+pub(crate) fn build(content: &Content) -> Result<GgufTokenizer> {
+    let (pieces, types) = pieces_and_types(content)?;
+    let n = pieces.len();
+    let vocab = vocab(&pieces)?;
+    let merges = merges(content, &pieces, &types, &vocab)?;
     let token_id = |key: &str| -> Result<Option<u32>> {
         match meta_u32(content, key)? {
             Some(id) if (id as usize) < n => Ok(Some(id)),
@@ -356,42 +422,10 @@ pub(crate) fn build(content: &Content) -> Result<GgufTokenizer> {
         .map_err(|e| TokenizerError::Gguf(format!("cannot build the BPE model: {e}")))?;
 
     let mut inner = tokenizers::Tokenizer::new(bpe);
-    let replace_space = Replace::new(" ", "\u{2581}")
-        .map_err(|e| TokenizerError::Gguf(format!("cannot build the normalizer: {e}")))?;
-    if add_space_prefix {
-        inner.with_normalizer(Some(NormalizerSequence::new(vec![
-            NormalizerWrapper::Prepend(Prepend::new(SPACE_MARKER.to_string())),
-            NormalizerWrapper::Replace(replace_space),
-        ])));
-    } else {
-        inner.with_normalizer(Some(replace_space));
-    }
-    let split = Split::new(" ", SplitDelimiterBehavior::MergedWithPrevious, false)
-        .map_err(|e| TokenizerError::Gguf(format!("cannot build the pre-tokenizer: {e}")))?;
-    inner.with_pre_tokenizer(Some(split));
-    let mut decoders: Vec<DecoderWrapper> = vec![
-        DecoderWrapper::Replace(
-            Replace::new("\u{2581}", " ")
-                .map_err(|e| TokenizerError::Gguf(format!("cannot build the decoder: {e}")))?,
-        ),
-        DecoderWrapper::ByteFallback(ByteFallback::new()),
-        DecoderWrapper::Fuse(Fuse::new()),
-    ];
-    if add_space_prefix {
-        decoders.push(DecoderWrapper::Strip(StripDecoder::new(' ', 1, 0)));
-    }
-    inner.with_decoder(Some(DecoderSequence::new(decoders)));
-    if let (true, Some(bos)) = (add_bos_token, bos_id) {
-        let bos_piece = pieces[bos as usize].clone();
-        let template = TemplateProcessing::builder()
-            .try_single(format!("{bos_piece} $A"))
-            .and_then(|b| b.try_pair(format!("{bos_piece} $A {bos_piece}:1 $B:1")))
-            .map_err(|e| TokenizerError::Gguf(format!("cannot build the post-processor: {e}")))?
-            .special_tokens(vec![(bos_piece, bos)])
-            .build()
-            .map_err(|e| TokenizerError::Gguf(format!("cannot build the post-processor: {e}")))?;
-        inner.with_post_processor(Some(template));
-    }
+    let bos = bos_id
+        .filter(|_| add_bos_token)
+        .map(|id| (pieces[id as usize].clone(), id));
+    set_pipeline(&mut inner, add_space_prefix, bos)?;
 
     let added = |wanted: i32, special: bool| -> Vec<AddedToken> {
         pieces

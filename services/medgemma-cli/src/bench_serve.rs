@@ -283,6 +283,8 @@ fn summarize(
     }
 }
 
+// Longer than 120 lines on purpose: one benchmark level read top to bottom (start, send,
+// collect, summarise), not library code.
 async fn bench(
     a: BenchServeArgs,
     path: PathBuf,

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use medgemma_engine::generate::{Engine, GenerationRequest, TokenEvent};
+use medgemma_engine::generate::{Engine, GenerationOutput, GenerationRequest, TokenEvent};
 use medgemma_engine::sampling::SamplingParams;
-use medgemma_model::{Gemma3, KvCacheConfig, LoadOptions, ModelDType, Quantize};
+use medgemma_model::{Gemma3, KvCacheConfig, LoadInfo, LoadOptions, ModelDType, Quantize};
 use medgemma_tokenizer::{ChatMessage, ContentPart, ImageTokens, PromptEncoder, Tokenizer};
 use medgemma_vision::{DecodeOptions, VisionEncoder};
 
@@ -194,22 +194,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     };
     let info = model.info().clone();
     tracing::info!(format = %info.format, weight_bytes = info.weight_bytes, types = ?info.tensor_types, "model loaded");
-    let constraint = match (&a.json_schema, &a.regex) {
-        (Some(s), _) => {
-            let text = if Path::new(s).exists() {
-                std::fs::read_to_string(s)?
-            } else {
-                s.clone()
-            };
-            let v: serde_json::Value =
-                serde_json::from_str(&text).context("--json-schema is not valid JSON")?;
-            Some(medgemma_engine::constraint::ConstraintSpec::JsonSchema(v))
-        }
-        (None, Some(r)) => Some(medgemma_engine::constraint::ConstraintSpec::Regex(
-            r.clone(),
-        )),
-        (None, None) => None,
-    };
+    let constraint = constraint(&a)?;
     let req = GenerationRequest {
         prompt_ids,
         image_embeds,
@@ -241,40 +226,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         true
     })?;
     if a.json {
-        let tok = engine.tokenizer();
-        let logprobs: Vec<serde_json::Value> = out
-            .logprobs
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "token_id": s.token,
-                    "logprob": s.logprob,
-                    "top": s.top.iter().map(|(id, lp)| serde_json::json!({"token_id": id, "token": tok.id_to_token(*id), "logprob": lp})).collect::<Vec<_>>(),
-                })
-            })
-            .collect();
-        let j = serde_json::json!({
-            "prompt_token_ids": out.prompt_token_ids,
-            "token_ids": out.token_ids,
-            "text": out.text,
-            "finish_reason": out.finish_reason.as_str(),
-            "prompt_tokens": out.prompt_token_ids.len(),
-            "completion_tokens": out.token_ids.len(),
-            "prefill_tokens_per_s": out.prefill_tokens_per_s(),
-            "decode_tokens_per_s": out.decode_tokens_per_s(),
-            "prefill_seconds": out.prefill_time.as_secs_f64(),
-            "decode_seconds": out.decode_time.as_secs_f64(),
-            "kv_cache_bytes_peak": out.kv_bytes_peak,
-            "logprobs": logprobs,
-            "model": {
-                "path": a.model,
-                "format": info.format,
-                "weight_bytes": info.weight_bytes,
-                "tensor_types": info.tensor_types,
-                "quantization_cache": info.cache_file,
-            },
-        });
-        println!("{j}");
+        print_json(&a, &engine, &out, &info);
     } else {
         println!();
         eprintln!(
@@ -290,6 +242,66 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 /// The vision tower for `--image`: `--vision-model`, the demo tower, or `--model` itself.
+/// The `--json-schema` (a file or inline JSON) or `--regex` constraint, if any.
+fn constraint(
+    a: &GenerateArgs,
+) -> anyhow::Result<Option<medgemma_engine::constraint::ConstraintSpec>> {
+    Ok(match (&a.json_schema, &a.regex) {
+        (Some(s), _) => {
+            let text = if Path::new(s).exists() {
+                std::fs::read_to_string(s)?
+            } else {
+                s.clone()
+            };
+            let v: serde_json::Value =
+                serde_json::from_str(&text).context("--json-schema is not valid JSON")?;
+            Some(medgemma_engine::constraint::ConstraintSpec::JsonSchema(v))
+        }
+        (None, Some(r)) => Some(medgemma_engine::constraint::ConstraintSpec::Regex(
+            r.clone(),
+        )),
+        (None, None) => None,
+    })
+}
+
+/// The `--json` object on stdout.
+fn print_json(a: &GenerateArgs, engine: &Engine, out: &GenerationOutput, info: &LoadInfo) {
+    let tok = engine.tokenizer();
+    let logprobs: Vec<serde_json::Value> = out
+        .logprobs
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "token_id": s.token,
+                "logprob": s.logprob,
+                "top": s.top.iter().map(|(id, lp)| serde_json::json!({"token_id": id, "token": tok.id_to_token(*id), "logprob": lp})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let j = serde_json::json!({
+        "prompt_token_ids": out.prompt_token_ids,
+        "token_ids": out.token_ids,
+        "text": out.text,
+        "finish_reason": out.finish_reason.as_str(),
+        "prompt_tokens": out.prompt_token_ids.len(),
+        "completion_tokens": out.token_ids.len(),
+        "prefill_tokens_per_s": out.prefill_tokens_per_s(),
+        "decode_tokens_per_s": out.decode_tokens_per_s(),
+        "prefill_seconds": out.prefill_time.as_secs_f64(),
+        "decode_seconds": out.decode_time.as_secs_f64(),
+        "kv_cache_bytes_peak": out.kv_bytes_peak,
+        "logprobs": logprobs,
+        "model": {
+            "path": a.model,
+            "format": info.format,
+            "weight_bytes": info.weight_bytes,
+            "tensor_types": info.tensor_types,
+            "quantization_cache": info.cache_file,
+        },
+    });
+    println!("{j}");
+}
+
 /// The prompt as one user turn (after the system prompt, images first) through the prompt
 /// pipeline: the model's own template or the Gemma 3 one, the text of `--prompt` and `--system`
 /// as ordinary text (a `<start_of_turn>` typed in it cannot forge a turn).

@@ -257,13 +257,22 @@ impl Tasks {
         ctx.bounded("encoding the prompt", fut).await
     }
 
-    /// [`encode_chat`](Self::encode_chat) of a text-only prompt: its ids.
-    async fn prompt_ids(
+    /// A text-only prompt encoded (one tokenizer call) and generated on the text pool with the
+    /// task's sampling, under `schema` when given; `content_field` as in
+    /// [`generate`](Self::generate).
+    async fn generate_text(
         &self,
         ctx: &CallCtx,
         messages: Vec<tok_pb::ChatMessage>,
-    ) -> Result<Vec<u32>, GatewayError> {
-        Ok(self.encode_chat(ctx, messages, None, Vec::new()).await?.ids)
+        sampling: &Sampling,
+        schema: Option<String>,
+        deltas: Option<&Deltas>,
+        content_field: &'static str,
+    ) -> Result<gen_pb::GenerateResponse, GatewayError> {
+        let ids = self.encode_chat(ctx, messages, None, Vec::new()).await?.ids;
+        let req = gen_request(ids, sampling, schema);
+        self.generate(&self.text, ctx, req, deltas, content_field)
+            .await
     }
 
     /// The option letters' token ids: the first id of each letter encoded alone (Gemma's
@@ -369,15 +378,8 @@ impl Tasks {
     ) -> Result<pb::AskResponse, GatewayError> {
         let started = Instant::now();
         let messages = chat(task.system.as_deref(), vec![text_part(task.question)]);
-        let ids = self.prompt_ids(ctx, messages).await?;
         let r = self
-            .generate(
-                &self.text,
-                ctx,
-                gen_request(ids, &task.sampling, None),
-                deltas,
-                "question",
-            )
+            .generate_text(ctx, messages, &task.sampling, None, deltas, "question")
             .await?;
         let mut acc = Acc::default();
         acc.add(&r);
@@ -406,19 +408,9 @@ impl Tasks {
                 &task.output_language,
             ))],
         );
-        let ids = self.prompt_ids(ctx, messages).await?;
+        let schema = structured::summary_schema().to_string();
         let r = self
-            .generate(
-                &self.text,
-                ctx,
-                gen_request(
-                    ids,
-                    &task.sampling,
-                    Some(structured::summary_schema().to_string()),
-                ),
-                deltas,
-                "note",
-            )
+            .generate_text(ctx, messages, &task.sampling, Some(schema), deltas, "note")
             .await?;
         let mut acc = Acc::default();
         acc.add(&r);
@@ -712,12 +704,12 @@ impl Tasks {
                     None,
                     vec![text_part(model::prompt(&text[w.start..w.end], language))],
                 );
-                let ids = self.prompt_ids(ctx, messages).await?;
                 let r = self
-                    .generate(
-                        &self.text,
+                    .generate_text(
                         ctx,
-                        gen_request(ids, &task.sampling, Some(schema.clone())),
+                        messages,
+                        &task.sampling,
+                        Some(schema.clone()),
                         None,
                         "text",
                     )

@@ -16,11 +16,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
-    medgemma_rpc::pin_thread_count();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run())
+    medgemma_rpc::run_pinned(run())?
 }
 
 async fn run() -> anyhow::Result<()> {
