@@ -13,6 +13,9 @@ use tonic::{Request, Response, Status};
 
 use crate::config::service_limits::MAX_TOKENS_PER_IMAGE;
 
+/// Default of `--max-image-tokens`: 64 images of Gemma 3's 256 soft tokens.
+pub const DEFAULT_MAX_IMAGE_TOKENS: u64 = 16_384;
+
 /// Most messages in one `RenderChat`.
 const MAX_MESSAGES: usize = 1024;
 
@@ -22,6 +25,8 @@ struct Inner {
     /// The image tokens at the default soft-token count; `None` for a text-only vocabulary.
     image: Option<ImageTokens>,
     tokens_per_image: usize,
+    /// The most image soft tokens (`image_count x tokens_per_image`) one request may expand.
+    max_image_tokens: u64,
 }
 
 /// The tokenizer service over a loaded tokenizer and chat template. Clone freely.
@@ -91,8 +96,18 @@ impl TokenizerService {
                 template,
                 image,
                 tokens_per_image,
+                max_image_tokens: DEFAULT_MAX_IMAGE_TOKENS,
             }),
         }
+    }
+
+    /// Sets the most image soft tokens (`image_count x tokens_per_image`) one request may
+    /// expand (`--max-image-tokens`); more is INVALID_ARGUMENT before anything is allocated.
+    pub fn with_max_image_tokens(mut self, max: u64) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.max_image_tokens = max;
+        }
+        self
     }
 
     /// The tonic server for this service, with raised message limits.
@@ -140,6 +155,17 @@ impl TokenizerService {
             return Ok((ids, Vec::new()));
         }
         let layout = self.image_layout(tokens_per_image)?;
+        let wanted = u64::from(image_count) * layout.tokens_per_image as u64;
+        if wanted > inner.max_image_tokens {
+            return Err(bad_request(
+                "image_count",
+                format!(
+                    "{image_count} images x {} tokens per image = {wanted} image tokens, over \
+                     the limit of {} (--max-image-tokens)",
+                    layout.tokens_per_image, inner.max_image_tokens
+                ),
+            ));
+        }
         let expanded = layout
             .expand(&text, image_count as usize)
             .map_err(tokenizer_status)?;
