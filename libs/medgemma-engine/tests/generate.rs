@@ -256,7 +256,7 @@ fn truncated_tokenizer(keep: u64) -> PathBuf {
 #[test]
 fn ids_the_tokenizer_lacks_are_generated_and_decode_as_nothing() {
     let keep = 650u32;
-    let model = Gemma3::load(fixture("tiny-27b-text"), &LoadOptions::default()).unwrap();
+    let model = Gemma3::load(&fixture("tiny-27b-text"), &LoadOptions::default()).unwrap();
     let tok = Tokenizer::from_path(truncated_tokenizer(keep.into())).unwrap();
     assert_eq!(tok.vocab_size(), keep as usize);
     assert!(model.config().text.vocab_size > tok.vocab_size());

@@ -146,6 +146,14 @@ async fn send_or_cut<M>(
     }
 }
 
+/// Completes when the drain timeout has passed (never, if the sender is gone first).
+async fn drain_expired(mut rx: watch::Receiver<bool>) {
+    let expired = rx.wait_for(|expired| *expired).await.is_ok();
+    if !expired {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// Runs a task on its own task, sending its text deltas and then its final response (or its
 /// error) to the caller. When the caller goes away or stops reading, or the drain expires,
 /// the task is dropped at once (which drops the generator stream, which cancels the
@@ -171,7 +179,8 @@ where
     tokio::spawn(
         async move {
             let end = task_end;
-            let mut drain = settings.drain_expired.clone();
+            let drain = drain_expired(settings.drain_expired.clone());
+            tokio::pin!(drain);
             let (dtx, mut drx) = mpsc::channel::<String>(STREAM_BUFFER);
             let fut = task(dtx);
             tokio::pin!(fut);
@@ -182,7 +191,7 @@ where
                         tracing::debug!("caller went away; cancelling");
                         return;
                     }
-                    _ = drain.wait_for(|expired| *expired) => {
+                    () = &mut drain => {
                         if let Ok(mut e) = end.lock() {
                             *e = Some(Status::unavailable(
                                 "the gateway is shutting down and its drain timeout passed",
@@ -373,5 +382,118 @@ impl ClinicalTasks for ClinicalTasksService {
             },
             self.stream.clone(),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+
+    fn settings(send_timeout: Duration) -> (StreamSettings, watch::Sender<bool>) {
+        let drain = watch::Sender::new(false);
+        let s = StreamSettings {
+            send_timeout,
+            drain_expired: drain.subscribe(),
+        };
+        (s, drain)
+    }
+
+    async fn all(stream: TaskStream<String>) -> Vec<Result<String, Status>> {
+        tokio::time::timeout(Duration::from_secs(10), stream.collect::<Vec<_>>())
+            .await
+            .expect("the stream ends")
+    }
+
+    #[tokio::test]
+    async fn a_finished_task_ends_ok_after_its_response() {
+        let (s, _drain) = settings(Duration::from_secs(5));
+        let stream = stream_task(
+            |d: Deltas| async move {
+                d.send("a".into()).await.unwrap();
+                Ok::<_, GatewayError>("done".to_owned())
+            },
+            |t| format!("delta {t}"),
+            |r| format!("last {r}"),
+            s,
+        );
+        let got: Vec<String> = all(stream).await.into_iter().map(Result::unwrap).collect();
+        assert_eq!(got, ["delta a", "last done"]);
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_after_output_ends_with_internal_not_ok() {
+        let (s, _drain) = settings(Duration::from_secs(5));
+        let stream = stream_task(
+            |d: Deltas| async move {
+                d.send("partial".into()).await.unwrap();
+                tokio::task::yield_now().await;
+                if !d.is_closed() {
+                    panic!("a bug in the task");
+                }
+                Ok::<String, GatewayError>(String::new())
+            },
+            |t| t,
+            |r| r,
+            s,
+        );
+        let got = all(stream).await;
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].as_ref().unwrap(), "partial");
+        assert_eq!(got[1].as_ref().unwrap_err().code(), tonic::Code::Internal);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_reader_is_cut_and_its_task_dropped() {
+        let (s, _drain) = settings(Duration::from_millis(200));
+        let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
+        let stream = stream_task(
+            move |d: Deltas| async move {
+                let _guard = dropped_tx; // Dropped when the task is.
+                for i in 0.. {
+                    if d.send(format!("{i}")).await.is_err() {
+                        break;
+                    }
+                }
+                Ok::<String, GatewayError>(String::new())
+            },
+            |t| t,
+            |r| r,
+            s,
+        );
+        // Nobody reads: the buffer fills, the send times out, the task is dropped.
+        tokio::time::timeout(Duration::from_secs(5), dropped_rx)
+            .await
+            .expect("the task is dropped within the send timeout")
+            .unwrap_err();
+        let got = all(stream).await;
+        let last = got.last().unwrap().as_ref().unwrap_err();
+        assert_eq!(last.code(), tonic::Code::ResourceExhausted);
+        assert!(last.message().contains("--stream-send-timeout"), "{last:?}");
+        assert!(got[..got.len() - 1].iter().all(Result::is_ok));
+    }
+
+    #[tokio::test]
+    async fn an_expired_drain_ends_running_streams_with_unavailable() {
+        let (s, drain) = settings(Duration::from_secs(5));
+        let stream = stream_task(
+            |d: Deltas| async move {
+                d.send("started".into()).await.unwrap();
+                std::future::pending::<()>().await;
+                Ok::<String, GatewayError>(String::new())
+            },
+            |t| t,
+            |r| r,
+            s,
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drain.send_replace(true);
+        let got = all(stream).await;
+        assert_eq!(got[0].as_ref().unwrap(), "started");
+        assert_eq!(
+            got.last().unwrap().as_ref().unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
     }
 }

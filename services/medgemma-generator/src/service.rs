@@ -698,6 +698,10 @@ impl Generator for GeneratorService {
         let model_id = self.inner.config.model_id.clone();
         // The stream owns the receiver: when tonic drops it (client cancelled or disconnected),
         // the model thread sees a closed channel and stops at the next token.
+        // A stream never ends OK after partial output: if the thread dies before the final
+        // response, the caller gets INTERNAL as the last message.
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = ended.clone();
         let stream = UnboundedReceiverStream::new(events).map(move |event| {
             use pb::generate_stream_response::Event as Out;
             match event {
@@ -715,32 +719,19 @@ impl Generator for GeneratorService {
                         },
                     })),
                 }),
-                Event::Done(result) => result
-                    .map(|f| pb::GenerateStreamResponse {
-                        event: Some(Out::Response(response(f, want_logprobs, &model_id))),
-                    })
-                    .map_err(job_status),
+                Event::Done(result) => {
+                    seen.store(true, Ordering::Release);
+                    result
+                        .map(|f| pb::GenerateStreamResponse {
+                            event: Some(Out::Response(response(f, want_logprobs, &model_id))),
+                        })
+                        .map_err(job_status)
+                }
             }
         });
-        // A stream never ends OK after partial output: if the thread dies before the final
-        // response, the caller gets INTERNAL as the last message.
-        let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let seen = ended.clone();
-        let stream = stream
-            .inspect(move |m| {
-                if matches!(
-                    m,
-                    Err(_)
-                        | Ok(pb::GenerateStreamResponse {
-                            event: Some(pb::generate_stream_response::Event::Response(_))
-                        })
-                ) {
-                    seen.store(true, Ordering::Relaxed);
-                }
-            })
-            .chain(error_at_end(move || {
-                (!ended.load(Ordering::Relaxed)).then(worker_died)
-            }));
+        let stream = stream.chain(error_at_end(move || {
+            (!ended.load(Ordering::Acquire)).then(worker_died)
+        }));
         Ok(Response::new(Box::pin(stream)))
     }
 
