@@ -381,18 +381,10 @@ mod tests {
             }
             return inner;
         }
-        let mut out = Vec::new();
-        for _ in 0..levels {
-            out.extend_from_slice(&[
-                0x40, 0x00, 0x30, 0xA7, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
-            ]);
-            out.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
-        }
-        out.extend_from_slice(&leaf);
-        for _ in 0..levels {
-            out.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
-            out.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
-        }
+        // Undefined lengths: the leaf between the openings and the closings.
+        let mut out = crate::hostile::nested_dicom_sequences(levels);
+        let middle = levels * 20;
+        out.splice(middle..middle, leaf);
         out
     }
 

@@ -7,6 +7,7 @@ mod common;
 use std::io::Cursor;
 
 use common::blob;
+use medgemma_vision::hostile::{insert_before_pixel_data, nested_dicom_sequences};
 use medgemma_vision::{DecodeOptions, RgbImage, VisionError, decode_image};
 
 fn decode(bytes: &[u8]) -> Result<RgbImage, VisionError> {
@@ -391,40 +392,18 @@ fn webp_and_tiff_round_trip_and_truncation() {
     );
 }
 
-/// `levels` Content Sequences (0040,A730) of undefined length, each holding one item holding
-/// the next: what made dicom-rs overflow the encoder thread's stack at 10,000 levels.
-fn nested_sequences(levels: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(levels * 32);
-    for _ in 0..levels {
-        out.extend_from_slice(&[
-            0x40, 0x00, 0x30, 0xA7, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
-        ]);
-        out.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
-    }
-    for _ in 0..levels {
-        out.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
-        out.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
-    }
-    out
-}
-
 #[test]
 fn dicom_nesting_and_element_bombs_are_refused_before_parsing() {
     let base = blob("MR_small.dcm");
-    let at = find(&base, &PIXEL_DATA);
-    let with = |inserted: &[u8]| {
-        let mut bytes = base.clone();
-        bytes.splice(at..at, inserted.iter().copied());
-        bytes
-    };
+    let with = |inserted: &[u8]| insert_before_pixel_data(&base, inserted).unwrap();
     // 4 levels are fine and decode as before.
     assert_eq!(
-        decode(&with(&nested_sequences(4))).unwrap(),
+        decode(&with(&nested_dicom_sequences(4))).unwrap(),
         decode(&base).unwrap()
     );
     // 10,000 levels (320 KB): refused by the pre-parse walk, on a thread with a small stack
     // (the walk is iterative; dicom-rs never sees the object).
-    let bomb = with(&nested_sequences(10_000));
+    let bomb = with(&nested_dicom_sequences(10_000));
     let e = std::thread::Builder::new()
         .stack_size(256 << 10)
         .spawn(move || expect_err(&bomb))

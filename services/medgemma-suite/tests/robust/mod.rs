@@ -1,8 +1,7 @@
-//! Robustness against the running suite (in-process, 127.0.0.1:0, the real demo assets): hostile
-//! inputs each get a clear status within their deadline and leave every service SERVING and
-//! answering; a stalled stream reader is cut and its generation freed.
+//! Robustness against the running suite: hostile inputs each get a clear status within their
+//! deadline and leave every service SERVING and answering; a stalled stream reader is cut and
+//! its generation freed. (A module of the e2e test binary: it shares its suite.)
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use medgemma_gateway::GatewayArgs;
@@ -10,42 +9,16 @@ use medgemma_proto::gateway::v1 as pb;
 use medgemma_proto::generation::v1 as gen_pb;
 use medgemma_proto::tokenizer::v1 as tok_pb;
 use medgemma_rpc::client::ServingStatus;
-use medgemma_suite::{Suite, SuiteOptions, start_gateway};
+use medgemma_suite::{Suite, start_gateway};
+use medgemma_vision::hostile::{insert_before_pixel_data, nested_dicom_sequences};
 use pb::clinical_tasks_client::ClinicalTasksClient;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
-/// A real DICOM (a CT slice from pydicom's test files).
-const CT_DICOM: &[u8] = include_bytes!("../../../libs/medgemma-vision/tests/data/CT_small.dcm");
+use super::{CT_DICOM, shared};
 
 /// Every hostile call must be answered within this.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-struct Shared {
-    rt: tokio::runtime::Runtime,
-    suite: Suite,
-}
-
-static SHARED: OnceLock<Option<Shared>> = OnceLock::new();
-
-fn shared() -> Option<&'static Shared> {
-    SHARED
-        .get_or_init(|| {
-            medgemma_assets::demo_assets_for_test()?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let suite = rt
-                .block_on(Suite::start(SuiteOptions {
-                    fetch: false,
-                    ..SuiteOptions::default()
-                }))
-                .expect("the suite starts");
-            Some(Shared { rt, suite })
-        })
-        .as_ref()
-}
 
 async fn channel(addr: std::net::SocketAddr) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
@@ -55,32 +28,10 @@ async fn channel(addr: std::net::SocketAddr) -> Channel {
         .expect("reachable")
 }
 
-fn req<T>(m: T) -> tonic::Request<T> {
+fn req_within<T>(m: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(m);
     r.set_timeout(DEADLINE);
     r
-}
-
-/// `levels` Content Sequences of undefined length nested in `CT_DICOM` before its pixel data.
-fn nested_dicom(levels: usize) -> Vec<u8> {
-    let at = CT_DICOM
-        .windows(4)
-        .position(|w| w == [0xE0, 0x7F, 0x10, 0x00])
-        .unwrap();
-    let mut nest = Vec::new();
-    for _ in 0..levels {
-        nest.extend_from_slice(&[
-            0x40, 0x00, 0x30, 0xA7, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
-        ]);
-        nest.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
-    }
-    for _ in 0..levels {
-        nest.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
-        nest.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
-    }
-    let mut out = CT_DICOM.to_vec();
-    out.splice(at..at, nest);
-    out
 }
 
 /// Asserts `r` failed with `code` within the deadline; returns its message.
@@ -119,9 +70,10 @@ fn hostile_inputs_get_clear_statuses_and_the_suite_keeps_serving() {
         // A DICOM whose sequences nest 10,000 deep (it overflowed the encoder's stack).
         let t = Instant::now();
         let r = gw
-            .draft_radiology_report(req(pb::DraftRadiologyReportRequest {
+            .draft_radiology_report(req_within(pb::DraftRadiologyReportRequest {
                 image: Some(pb::Image {
-                    data: nested_dicom(10_000),
+                    data: insert_before_pixel_data(CT_DICOM, &nested_dicom_sequences(10_000))
+                        .unwrap(),
                     mime_type: "application/dicom".into(),
                 }),
                 modality: "CT".into(),
@@ -135,7 +87,7 @@ fn hostile_inputs_get_clear_statuses_and_the_suite_keeps_serving() {
         // A 1 MB question of special-token strings: over the text limit.
         let t = Instant::now();
         let r = gw
-            .ask(req(pb::AskRequest {
+            .ask(req_within(pb::AskRequest {
                 question: "<start_of_turn>".repeat(70_000),
                 system: None,
                 sampling: None,
@@ -146,7 +98,7 @@ fn hostile_inputs_get_clear_statuses_and_the_suite_keeps_serving() {
         // A message over the gateway's decoded-size limit (just above its image limit).
         let t = Instant::now();
         let r = gw
-            .ask(req(pb::AskRequest {
+            .ask(req_within(pb::AskRequest {
                 question: "a".repeat(24 << 20),
                 system: None,
                 sampling: None,
@@ -162,7 +114,7 @@ fn hostile_inputs_get_clear_statuses_and_the_suite_keeps_serving() {
         // 100k tokens inside the text limit: over the gateway's prompt token cap.
         let t = Instant::now();
         let r = gw
-            .ask(req(pb::AskRequest {
+            .ask(req_within(pb::AskRequest {
                 question: " a".repeat(100_000),
                 system: None,
                 sampling: None,
@@ -174,7 +126,7 @@ fn hostile_inputs_get_clear_statuses_and_the_suite_keeps_serving() {
         // A deeply nested JSON-looking note: served (it is just text) or refused, never a hang.
         let t = Instant::now();
         let r = gw
-            .summarize_clinical_note(req(pb::SummarizeClinicalNoteRequest {
+            .summarize_clinical_note(req_within(pb::SummarizeClinicalNoteRequest {
                 note: format!("{}\"x\"{}", "{\"a\":[".repeat(2000), "]}".repeat(2000)),
                 output_language: None,
                 sampling: Some(pb::Sampling {
@@ -196,7 +148,7 @@ fn hostile_inputs_get_clear_statuses_and_the_suite_keeps_serving() {
             tok_pb::tokenizer_client::TokenizerClient::new(channel(s.tokenizer.addr).await);
         let t = Instant::now();
         let r = tok
-            .encode(req(tok_pb::EncodeRequest {
+            .encode(req_within(tok_pb::EncodeRequest {
                 text: "<start_of_image>".into(),
                 add_special_tokens: true,
                 image_count: 1 << 31,
@@ -212,7 +164,7 @@ fn hostile_inputs_get_clear_statuses_and_the_suite_keeps_serving() {
                 .max_encoding_message_size(64 << 20);
         let t = Instant::now();
         let r = gen_client
-            .generate(req(gen_pb::GenerateRequest {
+            .generate(req_within(gen_pb::GenerateRequest {
                 prompt_ids: vec![2, 100],
                 sampling: Some(gen_pb::SamplingParams {
                     max_new_tokens: Some(1_000_000),
@@ -225,7 +177,7 @@ fn hostile_inputs_get_clear_statuses_and_the_suite_keeps_serving() {
         assert!(m.contains("--max-new-tokens-limit"), "{m}");
         let t = Instant::now();
         let r = gen_client
-            .generate(req(gen_pb::GenerateRequest {
+            .generate(req_within(gen_pb::GenerateRequest {
                 prompt_ids: vec![2, 100],
                 constraint: Some(gen_pb::Constraint {
                     kind: Some(gen_pb::constraint::Kind::Regex("a".repeat(1 << 20))),
@@ -239,7 +191,7 @@ fn hostile_inputs_get_clear_statuses_and_the_suite_keeps_serving() {
         // Afterwards: every service SERVING, and a normal task answers.
         all_serving(s).await;
         let a = gw
-            .ask(req(pb::AskRequest {
+            .ask(req_within(pb::AskRequest {
                 question: "What is hypertension?".into(),
                 system: None,
                 sampling: Some(pb::Sampling {
@@ -281,7 +233,7 @@ fn a_stalled_stream_reader_is_cut_and_its_generation_cancelled() {
             .unwrap();
         let mut gw = ClinicalTasksClient::new(ch);
         let mut stream = gw
-            .ask_stream(req(pb::AskRequest {
+            .ask_stream(req_within(pb::AskRequest {
                 question: "List every drug class used for hypertension, heart failure, diabetes, \
                            asthma and epilepsy, with examples, doses and side effects."
                     .into(),
