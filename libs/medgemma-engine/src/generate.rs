@@ -803,9 +803,17 @@ impl Engine {
     }
 
     fn output(&self, seq: Sequence) -> GenerationOutput {
+        // Ids the vocabulary lacks decode as nothing (see `IncrementalDecoder::push`).
+        let vocab = self.tokenizer.vocab_size();
+        let known: Vec<u32> = seq
+            .generated()
+            .iter()
+            .copied()
+            .filter(|&id| (id as usize) < vocab)
+            .collect();
         let mut text = self
             .tokenizer
-            .decode(seq.generated(), true)
+            .decode(&known, true)
             .unwrap_or_else(|_| seq.emitted.clone());
         if let Some(cut) = seq.text_cut {
             text.truncate(cut);

@@ -212,3 +212,74 @@ fn first_token_logprobs_are_the_raw_log_softmax_at_the_first_position() {
         .unwrap();
     assert!(out[0].is_err(), "an id outside the vocabulary is refused");
 }
+
+/// The tiny model's tokenizer without its ids from `keep` on (vocabulary, added tokens and the
+/// merges that use them), written to a fresh directory: a tokenizer smaller than the model's
+/// output head, as MedGemma's (262,145 ids for 262,208 rows).
+fn truncated_tokenizer(keep: u64) -> PathBuf {
+    let src = fixture("tiny-27b-text");
+    let mut t: Value =
+        serde_json::from_slice(&std::fs::read(src.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab = t["model"]["vocab"].as_object_mut().unwrap();
+    let gone: std::collections::HashSet<String> = vocab
+        .iter()
+        .filter(|(_, id)| id.as_u64().unwrap() >= keep)
+        .map(|(k, _)| k.clone())
+        .collect();
+    vocab.retain(|_, id| id.as_u64().unwrap() < keep);
+    t["added_tokens"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|a| a["id"].as_u64().unwrap() < keep);
+    t["model"]["merges"].as_array_mut().unwrap().retain(|m| {
+        let pieces: Vec<String> = match m {
+            Value::String(s) => s.split(' ').map(str::to_owned).collect(),
+            Value::Array(a) => a.iter().map(|p| p.as_str().unwrap().to_owned()).collect(),
+            _ => unreachable!(),
+        };
+        let merged: String = pieces.concat();
+        !pieces.iter().any(|p| gone.contains(p)) && !gone.contains(&merged)
+    });
+    let dir = std::env::temp_dir().join(format!("medgemma-tok-{keep}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), serde_json::to_vec(&t).unwrap()).unwrap();
+    for f in [
+        "tokenizer_config.json",
+        "generation_config.json",
+        "config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn ids_the_tokenizer_lacks_are_generated_and_decode_as_nothing() {
+    let keep = 650u32;
+    let model = Gemma3::load(&fixture("tiny-27b-text"), &LoadOptions::default()).unwrap();
+    let tok = Tokenizer::from_path(truncated_tokenizer(keep.into())).unwrap();
+    assert_eq!(tok.vocab_size(), keep as usize);
+    assert!(model.config().text.vocab_size > tok.vocab_size());
+    let tok = Arc::new(tok);
+    let mut e = Engine::new(Arc::new(model), tok.clone(), KvCacheConfig::default());
+    let prompt = tok.encode("hello world", true).unwrap();
+    let mut req = GenerationRequest::new(prompt, 64);
+    req.ignore_eos = true;
+    // Near-uniform sampling over the model's 717 rows: some of the 64 tokens are ids >= 650.
+    req.sampling.temperature = 100.0;
+    req.sampling.seed = 7;
+    let out = e.generate(&req, &mut |_| true).unwrap();
+    assert_eq!(out.token_ids.len(), 64);
+    assert!(
+        out.token_ids.iter().any(|&id| id >= keep),
+        "{:?}",
+        out.token_ids
+    );
+    let known: Vec<u32> = out
+        .token_ids
+        .iter()
+        .copied()
+        .filter(|&id| id < keep)
+        .collect();
+    assert_eq!(out.text, tok.decode(&known, true).unwrap());
+}

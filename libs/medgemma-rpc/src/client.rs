@@ -75,12 +75,10 @@ pub async fn list_services(
     Ok(names)
 }
 
+pub use tonic_health::pb::health_check_response::ServingStatus;
+
 /// The `grpc.health.v1` status of `service` (`""`: the whole server).
-pub async fn health_status(
-    channel: Channel,
-    service: &str,
-) -> Result<tonic_health::pb::health_check_response::ServingStatus, Status> {
-    use tonic_health::pb::health_check_response::ServingStatus;
+pub async fn health_status(channel: Channel, service: &str) -> Result<ServingStatus, Status> {
     let response = tonic_health::pb::health_client::HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest {
             service: service.to_owned(),

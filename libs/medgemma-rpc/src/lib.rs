@@ -14,6 +14,9 @@
 //!   DEADLINE_EXCEEDED when it expires before the response starts.
 //! - [`bad_request`]: INVALID_ARGUMENT with `google.rpc.BadRequest` field violations.
 //! - [`client`]: a channel with our settings, health checks, reflection listings.
+//! - [`worker`]: the model on its own thread behind a bounded queue, every unit of work under
+//!   a panic guard, and the health watchdog (NOT_SERVING when the thread died or is wedged,
+//!   exit after a grace period).
 //! - [`init_logging`]: the one log set-up of every binary (stderr, `MEDGEMMA_LOG`).
 
 pub mod client;
@@ -23,6 +26,7 @@ mod layer;
 mod server;
 mod status;
 pub mod trace;
+pub mod worker;
 
 pub use error::RpcError;
 

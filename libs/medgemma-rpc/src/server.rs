@@ -16,10 +16,15 @@ use tower_layer::Layer;
 
 use crate::error::RpcError;
 use crate::layer::RpcLayer;
+use crate::worker::{Pulse, WatchdogOptions};
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
 const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+
+/// After the drain timeout, how long handlers get to send their UNAVAILABLE before the
+/// connections close.
+const DRAIN_EXPIRED_GRACE: Duration = Duration::from_secs(1);
 
 /// How a server behaves on the wire and at shutdown.
 #[derive(Debug, Clone)]
@@ -29,6 +34,15 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// HTTP/2 keep-alive ping interval (dead peers are noticed and their calls cancelled).
     pub http2_keepalive_interval: Duration,
+    /// How long a keep-alive ping may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout: Duration,
+    /// Streams (calls) one HTTP/2 connection may have open at once; more are refused by the
+    /// HTTP/2 layer (the client queues them).
+    pub max_concurrent_streams: u32,
+    /// Connections served at once; further ones wait in the listen backlog until one ends.
+    pub max_connections: usize,
+    /// How the model worker's health is judged ([`crate::worker::watchdog`]).
+    pub watchdog: WatchdogOptions,
 }
 
 impl Default for ServeOptions {
@@ -36,6 +50,10 @@ impl Default for ServeOptions {
         Self {
             drain_timeout: Duration::from_secs(10),
             http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(20),
+            max_concurrent_streams: 256,
+            max_connections: 1024,
+            watchdog: WatchdogOptions::default(),
         }
     }
 }
@@ -94,6 +112,15 @@ pub struct Running {
     pub server: tokio::task::JoinHandle<Result<(), RpcError>>,
 }
 
+impl Running {
+    /// Watches a model worker's `pulse` with `options` on a new task: health NOT_SERVING while
+    /// the worker is dead or wedged, process exit after the grace period
+    /// ([`crate::worker::watchdog`]).
+    pub fn watch(&self, pulse: Pulse, options: WatchdogOptions) {
+        tokio::spawn(crate::worker::watchdog(self.health.clone(), pulse, options));
+    }
+}
+
 /// A bound, not yet serving, gRPC server.
 ///
 /// ```ignore
@@ -110,6 +137,7 @@ pub struct RpcServer {
     health: Health,
     services: Vec<String>,
     options: ServeOptions,
+    drain_expired: tokio::sync::watch::Sender<bool>,
 }
 
 impl RpcServer {
@@ -138,12 +166,19 @@ impl RpcServer {
             health: Health::new(services).await,
             services: services.iter().map(|s| (*s).to_owned()).collect(),
             options,
+            drain_expired: tokio::sync::watch::Sender::new(false),
         })
     }
 
     /// The bound address (with the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Turns `true` when the drain timeout passes with calls still running: streaming handlers
+    /// then end their streams with UNAVAILABLE (they get a moment before connections close).
+    pub fn drain_expired(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.drain_expired.subscribe()
     }
 
     /// The health handle: flip it to SERVING once ready.
@@ -206,6 +241,8 @@ impl RpcServer {
         http2
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(self.options.http2_keepalive_interval))
+            .keep_alive_timeout(self.options.http2_keepalive_timeout)
+            .max_concurrent_streams(self.options.max_concurrent_streams)
             .adaptive_window(true);
 
         let Self {
@@ -213,11 +250,23 @@ impl RpcServer {
             local_addr,
             health,
             options,
+            drain_expired,
             ..
         } = self;
+        // gRPC metadata is small; hyper's default allows 16 MiB of headers per request.
+        http2.max_header_list_size(64 << 10);
         let graceful = GracefulShutdown::new();
+        let connections = Arc::new(tokio::sync::Semaphore::new(options.max_connections.max(1)));
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
+            // At most `max_connections` at once: the next accept waits for a slot.
+            let slot = tokio::select! {
+                () = &mut shutdown => break,
+                slot = connections.clone().acquire_owned() => match slot {
+                    Ok(slot) => slot,
+                    Err(_) => break,
+                },
+            };
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
@@ -233,6 +282,7 @@ impl RpcServer {
                             if let Err(e) = connection.await {
                                 tracing::debug!(error = %e, "connection ended with an error");
                             }
+                            drop(slot);
                         });
                     }
                     Err(e) => {
@@ -246,15 +296,23 @@ impl RpcServer {
         health.set_not_serving().await;
         drop(listener);
         tracing::info!(addr = %local_addr, drain_s = options.drain_timeout.as_secs_f64(), "draining");
-        match tokio::time::timeout(options.drain_timeout, graceful.shutdown()).await {
+        let drained = graceful.shutdown();
+        tokio::pin!(drained);
+        match tokio::time::timeout(options.drain_timeout, &mut drained).await {
             Ok(()) => {
                 tracing::info!(addr = %local_addr, "drained");
                 Ok(())
             }
-            Err(_) => Err(RpcError::DrainTimeout {
-                addr: local_addr,
-                secs: options.drain_timeout.as_secs(),
-            }),
+            Err(_) => {
+                // Calls still running end with UNAVAILABLE (handlers that watch
+                // `drain_expired`); a moment for those statuses to go out, then close.
+                drain_expired.send_replace(true);
+                let _ = tokio::time::timeout(DRAIN_EXPIRED_GRACE, &mut drained).await;
+                Err(RpcError::DrainTimeout {
+                    addr: local_addr,
+                    secs: options.drain_timeout.as_secs(),
+                })
+            }
         }
     }
 }

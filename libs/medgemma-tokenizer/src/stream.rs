@@ -48,9 +48,13 @@ impl IncrementalDecoder {
     }
 
     /// Feeds one id; returns the new text, or `None` while a character is incomplete (or the
-    /// token gives no text, like a skipped special token).
+    /// token gives no text, like a skipped special token). An id the vocabulary lacks (a model
+    /// whose output head has more rows than the tokenizer has ids can sample one) gives no
+    /// text, as transformers decodes it, and never fails the sequence.
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>> {
-        tokenizer.check_ids(&[id])?;
+        if tokenizer.check_ids(&[id]).is_err() {
+            return Ok(None);
+        }
         self.ids.push(id);
         let prefix = tokenizer.decode(
             &self.ids[self.prefix_offset..self.read_offset],

@@ -28,12 +28,23 @@ pub struct DecodeOptions {
     /// frame (the first page of a TIFF, the first frame of an animated WebP): asking them for
     /// another is an error.
     pub frame: u32,
+    /// Deepest nesting of DICOM sequences accepted, checked before dicom-rs parses the
+    /// object (it reads nested sequences recursively: 10,000 levels overflow a thread's stack).
+    pub max_dicom_depth: u32,
+    /// Most DICOM elements accepted (items and delimiters included), checked before parsing.
+    pub max_dicom_elements: u64,
 }
 
 /// Default for [`DecodeOptions::max_encoded_bytes`]: 64 MiB.
 pub const DEFAULT_MAX_ENCODED_BYTES: usize = 64 << 20;
 /// Default for [`DecodeOptions::max_pixels`]: 100 megapixels (a 10 000 x 10 000 image).
 pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
+/// Default for [`DecodeOptions::max_dicom_depth`]: real images nest a handful of levels
+/// (functional groups, code sequences); structured reports a few more.
+pub const DEFAULT_MAX_DICOM_DEPTH: u32 = 32;
+/// Default for [`DecodeOptions::max_dicom_elements`]: an enhanced multi-frame object with
+/// per-frame functional groups for a thousand frames holds ~50,000.
+pub const DEFAULT_MAX_DICOM_ELEMENTS: u64 = 200_000;
 
 impl Default for DecodeOptions {
     fn default() -> Self {
@@ -41,6 +52,8 @@ impl Default for DecodeOptions {
             max_encoded_bytes: DEFAULT_MAX_ENCODED_BYTES,
             max_pixels: DEFAULT_MAX_PIXELS,
             frame: 0,
+            max_dicom_depth: DEFAULT_MAX_DICOM_DEPTH,
+            max_dicom_elements: DEFAULT_MAX_DICOM_ELEMENTS,
         }
     }
 }

@@ -31,7 +31,7 @@ use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 use image::RgbImage;
 
 use crate::decode::{DecodeOptions, check_dimensions, scan_jpeg};
-use crate::dicom_walk::{walk_dataset, walk_meta};
+use crate::dicom_walk::{WalkError, WalkLimits, walk_dataset, walk_meta};
 use crate::error::{Result, VisionError};
 
 const F: &str = "DICOM";
@@ -58,7 +58,23 @@ pub(crate) fn decode_dicom(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImag
             name: ts.name().to_string(),
         });
     }
-    walk_dataset(body, meta.dataset_start, uid).map_err(|e| VisionError::corrupt(F, e))?;
+    let limits = WalkLimits {
+        max_depth: opts.max_dicom_depth,
+        max_elements: opts.max_dicom_elements,
+    };
+    walk_dataset(body, meta.dataset_start, uid, limits).map_err(|e| match e {
+        WalkError::Corrupt(detail) => VisionError::corrupt(F, detail),
+        WalkError::TooDeep => VisionError::DicomTooComplex {
+            what: "sequence nesting depth",
+            limit: opts.max_dicom_depth.into(),
+            option: "max_dicom_depth",
+        },
+        WalkError::TooManyElements => VisionError::DicomTooComplex {
+            what: "element count",
+            limit: opts.max_dicom_elements,
+            option: "max_dicom_elements",
+        },
+    })?;
 
     let obj = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)

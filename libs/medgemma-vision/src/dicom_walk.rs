@@ -60,9 +60,42 @@ pub(crate) fn walk_meta(body: &[u8]) -> Result<Meta, String> {
     })
 }
 
-/// Walks the data set of `body` from `start` in the given transfer syntax and checks that every
-/// declared length fits.
-pub(crate) fn walk_dataset(body: &[u8], start: usize, transfer_syntax: &str) -> Result<(), String> {
+/// Structure limits checked by [`walk_dataset`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WalkLimits {
+    /// Deepest nesting of sequences.
+    pub(crate) max_depth: u32,
+    /// Most element headers (items and delimiters included).
+    pub(crate) max_elements: u64,
+}
+
+/// Why a walk refused the data set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum WalkError {
+    /// A declared length does not fit, or the structure is broken.
+    Corrupt(String),
+    /// Sequences nest deeper than [`WalkLimits::max_depth`].
+    TooDeep,
+    /// More elements than [`WalkLimits::max_elements`].
+    TooManyElements,
+}
+
+/// An open sequence or item: where it ends (`None`: undefined length, ended by a delimiter).
+#[derive(Debug, Clone, Copy)]
+struct Open {
+    end: Option<usize>,
+    sequence: bool,
+}
+
+/// Walks the data set of `body` from `start` in the given transfer syntax: every declared
+/// length fits, sequences nest at most `limits.max_depth` deep, at most `limits.max_elements`
+/// headers. Iterative (an explicit stack), so no input can exhaust the thread's stack here.
+pub(crate) fn walk_dataset(
+    body: &[u8],
+    start: usize,
+    transfer_syntax: &str,
+    limits: WalkLimits,
+) -> Result<(), WalkError> {
     let encoding = match transfer_syntax {
         IMPLICIT_VR_LE => Encoding::ImplicitLe,
         EXPLICIT_VR_BE => Encoding::ExplicitBe,
@@ -70,37 +103,95 @@ pub(crate) fn walk_dataset(body: &[u8], start: usize, transfer_syntax: &str) -> 
     };
     let mut pos = start;
     let mut in_pixel_sequence = false;
+    let mut open: Vec<Open> = Vec::new();
+    let mut depth = 0u32;
+    let mut elements = 0u64;
     // A trailing partial header is where dicom-rs stops reading; nothing is allocated for it.
     while let Some(header) = read_header(body, pos, encoding) {
+        // Close the defined-length sequences and items this element is past.
+        while let Some(&Open {
+            end: Some(end),
+            sequence,
+        }) = open.last()
+        {
+            if pos < end {
+                break;
+            }
+            open.pop();
+            depth -= u32::from(sequence);
+        }
+        elements += 1;
+        if elements > limits.max_elements {
+            return Err(WalkError::TooManyElements);
+        }
         pos += header.header_len;
         let tag = header.tag;
+        let defined = (header.len != UNDEFINED).then_some(header.len);
         if tag.group() == 0xFFFE {
             match tag.element() {
                 // An item: a fragment of encapsulated pixel data is read as bytes; the content
                 // of a data set item is walked.
-                0xE000 if in_pixel_sequence => pos = checked_end(body, pos, header.len, tag)?,
-                0xE000 if header.len != UNDEFINED => {
-                    checked_end(body, pos, header.len, tag)?;
+                0xE000 if in_pixel_sequence => {
+                    pos = checked_end(body, pos, header.len, tag).map_err(WalkError::Corrupt)?;
                 }
-                0xE0DD => in_pixel_sequence = false,
+                0xE000 => {
+                    let end = match defined {
+                        Some(len) => {
+                            Some(checked_end(body, pos, len, tag).map_err(WalkError::Corrupt)?)
+                        }
+                        None => None,
+                    };
+                    open.push(Open {
+                        end,
+                        sequence: false,
+                    });
+                }
+                // Item delimitation: closes the innermost undefined-length item.
+                0xE00D => close(&mut open, &mut depth, false),
+                // Sequence delimitation: ends encapsulated pixel data, or closes the innermost
+                // undefined-length sequence.
+                0xE0DD if in_pixel_sequence => in_pixel_sequence = false,
+                0xE0DD => close(&mut open, &mut depth, true),
                 _ => {}
             }
             continue;
         }
-        if header.len == UNDEFINED {
-            // Encapsulated pixel data, or a sequence of undefined length: walk the items.
-            if tag == Tag(0x7FE0, 0x0010) {
-                in_pixel_sequence = true;
+        if tag == Tag(0x7FE0, 0x0010) && defined.is_none() {
+            // Encapsulated pixel data: its items are fragments.
+            in_pixel_sequence = true;
+            continue;
+        }
+        if header.vr == VR::SQ || defined.is_none() {
+            let end = match defined {
+                Some(len) => Some(checked_end(body, pos, len, tag).map_err(WalkError::Corrupt)?),
+                None => None,
+            };
+            depth += 1;
+            if depth > limits.max_depth {
+                return Err(WalkError::TooDeep);
             }
+            open.push(Open {
+                end,
+                sequence: true,
+            });
             continue;
         }
-        if header.vr == VR::SQ {
-            checked_end(body, pos, header.len, tag)?;
-            continue;
-        }
-        pos = checked_end(body, pos, header.len, tag)?;
+        pos = checked_end(body, pos, header.len, tag).map_err(WalkError::Corrupt)?;
     }
     Ok(())
+}
+
+/// Closes the innermost open container of undefined length (and any defined-length ones
+/// left inside it) when it is of the delimiter's kind; a stray delimiter is ignored, as
+/// dicom-rs does.
+fn close(open: &mut Vec<Open>, depth: &mut u32, sequence: bool) {
+    if let Some(i) = open.iter().rposition(|o| o.end.is_none())
+        && open[i].sequence == sequence
+    {
+        for o in open.drain(i..) {
+            *depth -= u32::from(o.sequence);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,13 +349,86 @@ mod tests {
         let meta = walk_meta(&body).unwrap();
         assert_eq!(meta.transfer_syntax, "1.2.840.10008.1.2.1");
         body.extend(explicit_le((0x10, 0x10), b"PN", b"ANON"));
-        assert!(walk_dataset(&body, meta.dataset_start, &meta.transfer_syntax).is_ok());
+        assert!(walk_dataset(&body, meta.dataset_start, &meta.transfer_syntax, LIMITS).is_ok());
         // An OB element that declares 4 GB in a short file.
         let mut bomb = body.clone();
         bomb.extend_from_slice(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
         bomb.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
         bomb.extend_from_slice(&[0; 16]);
-        let e = walk_dataset(&bomb, meta.dataset_start, &meta.transfer_syntax).unwrap_err();
+        let e = walk_dataset(&bomb, meta.dataset_start, &meta.transfer_syntax, LIMITS).unwrap_err();
+        let WalkError::Corrupt(e) = e else {
+            panic!("{e:?}")
+        };
         assert!(e.contains("(7FE0,0010)") && e.contains("4294967280"), "{e}");
+    }
+
+    const LIMITS: WalkLimits = WalkLimits {
+        max_depth: 8,
+        max_elements: 1000,
+    };
+
+    /// `levels` sequences, each holding one item holding the next, of undefined lengths
+    /// (`defined`: of defined lengths), around one element.
+    fn nested(levels: usize, defined: bool) -> Vec<u8> {
+        let leaf = explicit_le((0x10, 0x10), b"PN", b"ANON");
+        if defined {
+            let mut inner = leaf;
+            for _ in 0..levels {
+                let mut item = vec![0xFE, 0xFF, 0x00, 0xE0];
+                item.extend_from_slice(&(inner.len() as u32).to_le_bytes());
+                item.extend_from_slice(&inner);
+                inner = explicit_le((0x0040, 0xA730), b"SQ", &item);
+            }
+            return inner;
+        }
+        // Undefined lengths: the leaf between the openings and the closings.
+        let mut out = crate::hostile::nested_dicom_sequences(levels);
+        let middle = levels * 20;
+        out.splice(middle..middle, leaf);
+        out
+    }
+
+    #[test]
+    fn nesting_depth_and_element_count_are_capped() {
+        const TS: &str = "1.2.840.10008.1.2.1";
+        for defined in [false, true] {
+            for (levels, ok) in [(8, true), (9, false), (10_000, false)] {
+                let body = nested(levels, defined);
+                let got = walk_dataset(&body, 0, TS, LIMITS);
+                assert_eq!(
+                    got.is_ok(),
+                    ok,
+                    "{levels} levels, defined {defined}: {got:?}"
+                );
+                if !ok {
+                    assert_eq!(got, Err(WalkError::TooDeep));
+                }
+            }
+            // Siblings close their levels: 100 sequences of depth 8 one after another pass.
+            let body: Vec<u8> = (0..100).flat_map(|_| nested(8, defined)).collect();
+            assert_eq!(
+                walk_dataset(
+                    &body,
+                    0,
+                    TS,
+                    WalkLimits {
+                        max_elements: 10_000,
+                        ..LIMITS
+                    }
+                ),
+                Ok(())
+            );
+        }
+        let many: Vec<u8> = (0..1001)
+            .flat_map(|_| explicit_le((0x10, 0x10), b"PN", b"ANON"))
+            .collect();
+        assert_eq!(
+            walk_dataset(&many, 0, TS, LIMITS),
+            Err(WalkError::TooManyElements)
+        );
+        assert_eq!(
+            walk_dataset(&many[..many.len() - 12], 0, TS, LIMITS),
+            Ok(())
+        );
     }
 }

@@ -62,6 +62,16 @@ pub enum VisionError {
         format: &'static str,
         detail: String,
     },
+    /// The DICOM element structure is over a limit ([`crate::DecodeOptions::max_dicom_depth`]
+    /// or [`crate::DecodeOptions::max_dicom_elements`]), checked before dicom-rs parses it.
+    #[error("the DICOM object's {what} is over the limit of {limit} ({option})")]
+    DicomTooComplex {
+        /// `"sequence nesting depth"` or `"element count"`.
+        what: &'static str,
+        limit: u64,
+        /// The option (and service flag) that sets the limit.
+        option: &'static str,
+    },
     /// The requested frame does not exist.
     #[error("frame {frame} requested but the image has {frames} frame(s) (frames count from 0)")]
     FrameOutOfRange { frame: u32, frames: u32 },

@@ -23,6 +23,7 @@ pub mod dicom;
 mod dicom_walk;
 pub mod encoder;
 mod error;
+pub mod hostile;
 pub mod preprocess;
 pub mod siglip;
 

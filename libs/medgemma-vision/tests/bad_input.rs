@@ -7,6 +7,7 @@ mod common;
 use std::io::Cursor;
 
 use common::blob;
+use medgemma_vision::hostile::{insert_before_pixel_data, nested_dicom_sequences};
 use medgemma_vision::{DecodeOptions, RgbImage, VisionError, decode_image};
 
 fn decode(bytes: &[u8]) -> Result<RgbImage, VisionError> {
@@ -388,5 +389,56 @@ fn webp_and_tiff_round_trip_and_truncation() {
     assert!(
         rgb.enumerate_pixels()
             .all(|(x, y, p)| p.0 == [gray.get_pixel(x, y).0[0]; 3])
+    );
+}
+
+#[test]
+fn dicom_nesting_and_element_bombs_are_refused_before_parsing() {
+    let base = blob("MR_small.dcm");
+    let with = |inserted: &[u8]| insert_before_pixel_data(&base, inserted).unwrap();
+    // 4 levels are fine and decode as before.
+    assert_eq!(
+        decode(&with(&nested_dicom_sequences(4))).unwrap(),
+        decode(&base).unwrap()
+    );
+    // 10,000 levels (320 KB): refused by the pre-parse walk, on a thread with a small stack
+    // (the walk is iterative; dicom-rs never sees the object).
+    let bomb = with(&nested_dicom_sequences(10_000));
+    let e = std::thread::Builder::new()
+        .stack_size(256 << 10)
+        .spawn(move || expect_err(&bomb))
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(
+        matches!(
+            e,
+            VisionError::DicomTooComplex {
+                option: "max_dicom_depth",
+                limit: 32,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("sequence nesting depth"), "{e}");
+    // Many small elements: over the element cap.
+    let opts = DecodeOptions {
+        max_dicom_elements: 1_000,
+        ..DecodeOptions::default()
+    };
+    let many: Vec<u8> = (0..1_000)
+        .flat_map(|_| [0x09, 0x00, 0x10, 0x00, b'L', b'O', 0, 0])
+        .collect();
+    let e = decode_image(&with(&many), &opts).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            VisionError::DicomTooComplex {
+                option: "max_dicom_elements",
+                ..
+            }
+        ),
+        "{e}"
     );
 }

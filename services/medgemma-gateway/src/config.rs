@@ -53,9 +53,23 @@ pub struct GatewayArgs {
     /// Deadline of a request that brings none (`10m`; `0` for none).
     #[arg(long, env = "MEDGEMMA_REQUEST_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
     pub request_timeout: Duration,
-    /// How long in-flight calls may finish after SIGTERM.
-    #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT", default_value = "8s", value_parser = parse_duration)]
+    /// How long in-flight calls may finish after SIGTERM (above the longest generation the
+    /// limits allow); streams still running then end with UNAVAILABLE.
+    #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// The most prompt tokens one request may send to a generator; more is INVALID_ARGUMENT.
+    #[arg(long, env = "MEDGEMMA_MAX_INPUT_TOKENS", default_value_t = 32_768)]
+    pub max_input_tokens: u32,
+    /// A stream caller that reads nothing for this long while a message waits is cut (its
+    /// generation cancelled) with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "MEDGEMMA_STREAM_SEND_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub stream_send_timeout: Duration,
+    /// The most attempts one downstream call makes (replicas tried) before giving up.
+    #[arg(long, env = "MEDGEMMA_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Retries allowed as a fraction of first attempts (0.2: at most 20% extra load), per pool.
+    #[arg(long, env = "MEDGEMMA_RETRY_BUDGET", default_value_t = 0.2)]
+    pub retry_budget: f64,
 }
 
 impl GatewayArgs {
@@ -81,12 +95,25 @@ impl GatewayArgs {
             max_image_bytes: 20 << 20,
             max_text_bytes: 256 << 10,
             request_timeout: Duration::from_secs(600),
-            drain_timeout: Duration::from_secs(8),
+            drain_timeout: Duration::from_secs(120),
+            max_input_tokens: 32_768,
+            stream_send_timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            retry_budget: 0.2,
         }
     }
 
     /// Checks values clap cannot; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
+        if self.max_attempts == 0 {
+            return Err("--max-attempts must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.retry_budget) {
+            return Err("--retry-budget must be in [0, 1]".into());
+        }
+        if self.max_input_tokens == 0 || self.stream_send_timeout.is_zero() {
+            return Err("--max-input-tokens and --stream-send-timeout must be above 0".into());
+        }
         let t = self.default_temperature;
         if !t.is_finite() || t < 0.0 {
             return Err(format!(

@@ -47,6 +47,8 @@ pub struct GatewayServer {
     service: ClinicalTasksService,
     pools: Vec<Arc<Pool>>,
     resolve_interval: Duration,
+    /// The largest request the gateway decodes.
+    max_message_bytes: usize,
 }
 
 /// Why the gateway could not start.
@@ -65,26 +67,38 @@ impl GatewayServer {
     /// allowed (their tasks answer UNAVAILABLE saying which flag to set).
     pub async fn bind(args: GatewayArgs) -> Result<Self, StartError> {
         args.validate().map_err(StartError::Config)?;
-        let tokenizer = Arc::new(Pool::new(
-            "tokenizer",
-            "--tokenizer-addr / MEDGEMMA_TOKENIZER_ADDR",
-            args.tokenizer_addr.clone(),
-        ));
-        let text = Arc::new(Pool::new(
-            "text",
-            "--text-pool / MEDGEMMA_TEXT_POOL",
-            args.text_pool.clone(),
-        ));
-        let multimodal = Arc::new(Pool::new(
-            "multimodal",
-            "--multimodal-pool / MEDGEMMA_MULTIMODAL_POOL",
-            args.multimodal_pool.clone(),
-        ));
-        let vision = Arc::new(Pool::new(
-            "vision",
-            "--vision-pool / MEDGEMMA_VISION_POOL",
-            args.vision_pool.clone(),
-        ));
+        let tokenizer = Arc::new(
+            Pool::new(
+                "tokenizer",
+                "--tokenizer-addr / MEDGEMMA_TOKENIZER_ADDR",
+                args.tokenizer_addr.clone(),
+            )
+            .with_retries(args.max_attempts, args.retry_budget),
+        );
+        let text = Arc::new(
+            Pool::new(
+                "text",
+                "--text-pool / MEDGEMMA_TEXT_POOL",
+                args.text_pool.clone(),
+            )
+            .with_retries(args.max_attempts, args.retry_budget),
+        );
+        let multimodal = Arc::new(
+            Pool::new(
+                "multimodal",
+                "--multimodal-pool / MEDGEMMA_MULTIMODAL_POOL",
+                args.multimodal_pool.clone(),
+            )
+            .with_retries(args.max_attempts, args.retry_budget),
+        );
+        let vision = Arc::new(
+            Pool::new(
+                "vision",
+                "--vision-pool / MEDGEMMA_VISION_POOL",
+                args.vision_pool.clone(),
+            )
+            .with_retries(args.max_attempts, args.retry_budget),
+        );
         let pools = vec![
             tokenizer.clone(),
             text.clone(),
@@ -102,15 +116,11 @@ impl GatewayServer {
                 tracing::info!(pool = p.name(), targets = ?p.targets(), replicas = ?p.addrs(), "pool");
             }
         }
-        let tasks = Arc::new(Tasks::new(
-            tokenizer,
-            text,
-            multimodal,
-            vision,
-            args.disclaimer.clone(),
-        ));
+        let tasks = Arc::new(
+            Tasks::new(tokenizer, text, multimodal, vision, args.disclaimer.clone())
+                .with_max_input_tokens(args.max_input_tokens),
+        );
         let timeout = (!args.request_timeout.is_zero()).then_some(args.request_timeout);
-        let service = ClinicalTasksService::new(tasks, validate::Limits::from(&args), timeout);
         let server = RpcServer::bind_with(
             &args.listen,
             &[SERVICE_NAME],
@@ -120,11 +130,19 @@ impl GatewayServer {
             },
         )
         .await?;
+        let service = ClinicalTasksService::new(tasks, validate::Limits::from(&args), timeout)
+            .with_stream_settings(service::StreamSettings {
+                send_timeout: args.stream_send_timeout,
+                drain_expired: server.drain_expired(),
+            });
+        // A request is at most one image and the text fields: just above the image limit.
+        let max_message_bytes = args.max_image_bytes + 4 * args.max_text_bytes + (64 << 10);
         Ok(Self {
             server,
             service,
             pools,
             resolve_interval: args.resolve_interval,
+            max_message_bytes,
         })
     }
 
@@ -140,13 +158,25 @@ impl GatewayServer {
 
     /// Serves until `shutdown` completes, then drains. Pools are re-resolved meanwhile.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RpcError> {
-        let resolver = tokio::spawn(pool::resolve_forever(self.pools, self.resolve_interval));
-        let routes = Routes::new(medgemma_rpc::with_limits!(ClinicalTasksServer::new(
-            self.service
-        )));
+        let resolver = tokio::spawn(pool::resolve_forever(
+            self.pools.clone(),
+            self.resolve_interval,
+        ));
+        let routes = Routes::new(
+            ClinicalTasksServer::new(self.service)
+                .max_decoding_message_size(self.max_message_bytes)
+                .max_encoding_message_size(medgemma_rpc::MAX_MESSAGE_BYTES),
+        );
         let health = self.server.health();
-        // Stateless: ready as soon as it accepts.
+        // Stateless: ready as soon as it accepts; NOT_SERVING while a pool has no healthy
+        // replica. The watcher stops when the drain starts (the drain owns health then).
         health.set_serving().await;
+        let watcher = tokio::spawn(pool::watch_pools(self.pools, health, pool::HEALTH_INTERVAL));
+        let stop_watching = watcher.abort_handle();
+        let shutdown = async move {
+            shutdown.await;
+            stop_watching.abort();
+        };
         let r = self.server.serve(routes, shutdown).await;
         resolver.abort();
         r

@@ -5,7 +5,12 @@
 //! `resolve_interval`, so replicas added later get traffic and removed ones stop getting it.
 //! Every address gets its own lazily connected HTTP/2 channel; calls go round robin over them.
 //! A replica that answers UNAVAILABLE (down, restarting, draining) is skipped for a while and the
-//! call is retried on the next one, as long as nothing has been sent to the caller yet.
+//! call is retried on the next one, as long as nothing has been sent to the caller yet. Retries
+//! are bounded three ways: at most `max_attempts` replicas per call, a per-pool [`RetryBudget`]
+//! (retries at most a fixed share of first attempts: a failing pool is not hit with a retry
+//! storm), and a jittered exponential backoff before each retry. Only UNAVAILABLE and a full
+//! queue are retried: a status that names the request as the cause (INVALID_ARGUMENT,
+//! INTERNAL from a replica that failed on it, ...) goes back to the caller.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -24,6 +29,60 @@ use crate::error::{GatewayError, is_retryable};
 const PENALTY: Duration = Duration::from_secs(5);
 /// How long connecting to a replica may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Retries a quiet pool may make before first attempts have earned any.
+const RETRY_RESERVE: f64 = 10.0;
+/// The most retries a busy pool may bank.
+const RETRY_CAP: f64 = 100.0;
+/// The first retry's backoff bound; it doubles per retry up to [`BACKOFF_MAX`].
+const BACKOFF_BASE: Duration = Duration::from_millis(25);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Retries as a share of first attempts (a token bucket): each first attempt deposits `ratio`,
+/// each retry spends one; a small reserve lets a quiet pool retry at all.
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    balance: Mutex<f64>,
+}
+
+impl RetryBudget {
+    /// A budget of `ratio` retries per first attempt (0.2: at most 20% extra load, beyond the
+    /// reserve).
+    pub fn new(ratio: f64) -> Self {
+        Self {
+            ratio,
+            balance: Mutex::new(RETRY_RESERVE),
+        }
+    }
+
+    fn deposit(&self) {
+        if let Ok(mut b) = self.balance.lock() {
+            *b = (*b + self.ratio).min(RETRY_CAP);
+        }
+    }
+
+    /// Spends one retry if the budget holds one.
+    pub fn try_spend(&self) -> bool {
+        match self.balance.lock() {
+            Ok(mut b) if *b >= 1.0 => {
+                *b -= 1.0;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The wait before retry number `retry` (1 for the first): uniform in [0, min(1 s, 25 ms x
+/// 2^(retry-1))] ("full jitter": retries of many callers spread out instead of arriving
+/// together).
+pub fn backoff(retry: u32) -> Duration {
+    let bound = BACKOFF_BASE
+        .saturating_mul(1 << retry.saturating_sub(1).min(16))
+        .min(BACKOFF_MAX);
+    bound.mul_f64(rand::random::<f64>())
+}
 
 /// One address of a pool with its channel.
 #[derive(Debug)]
@@ -88,6 +147,8 @@ pub struct Pool {
     targets: Vec<String>,
     replicas: RwLock<Arc<Vec<Arc<Replica>>>>,
     next: AtomicUsize,
+    max_attempts: usize,
+    budget: RetryBudget,
 }
 
 impl Pool {
@@ -105,7 +166,17 @@ impl Pool {
             targets,
             replicas: RwLock::new(Arc::new(Vec::new())),
             next: AtomicUsize::new(0),
+            max_attempts: 3,
+            budget: RetryBudget::new(0.2),
         }
+    }
+
+    /// At most `max_attempts` replicas per call, retries at most `budget_ratio` of first
+    /// attempts (`--max-attempts`, `--retry-budget`).
+    pub fn with_retries(mut self, max_attempts: u32, budget_ratio: f64) -> Self {
+        self.max_attempts = max_attempts.max(1) as usize;
+        self.budget = RetryBudget::new(budget_ratio);
+        self
     }
 
     /// The pool's name.
@@ -203,7 +274,17 @@ impl Pool {
         Fut: Future<Output = Result<T, Status>>,
     {
         let mut last: Option<Status> = None;
-        for replica in self.candidates()? {
+        let candidates = self.candidates()?;
+        for (attempt, replica) in candidates.into_iter().take(self.max_attempts).enumerate() {
+            if attempt == 0 {
+                self.budget.deposit();
+            } else {
+                if !self.budget.try_spend() {
+                    tracing::warn!(pool = self.name, "retry budget spent; not retrying");
+                    break;
+                }
+                tokio::time::sleep(backoff(attempt as u32)).await;
+            }
             match call(replica.channel()).await {
                 Ok(v) => {
                     replica.mark_up();
@@ -230,6 +311,64 @@ impl Pool {
             pool: self.name,
             status: last.unwrap_or_else(|| Status::unavailable("no replica answered")),
         })
+    }
+}
+
+impl Pool {
+    /// Asks every replica's `grpc.health.v1` (whole server) within `timeout`: those not
+    /// SERVING go to the back of the line, those SERVING are put back. Returns how many
+    /// serve.
+    pub async fn check_health(&self, timeout: Duration) -> usize {
+        let mut serving = 0;
+        for r in self.snapshot().iter() {
+            let status = tokio::time::timeout(
+                timeout,
+                medgemma_rpc::client::health_status(r.channel(), ""),
+            )
+            .await;
+            let ok = matches!(status, Ok(Ok(medgemma_rpc::client::ServingStatus::Serving)));
+            if ok {
+                serving += 1;
+                r.mark_up();
+            } else {
+                r.mark_down();
+            }
+        }
+        serving
+    }
+}
+
+/// How often the gateway asks its replicas for their health.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Keeps `health` true to the pools: NOT_SERVING while a configured pool has no replica that
+/// reports SERVING (the gateway could serve none of its tasks), SERVING otherwise. Runs until
+/// dropped; stop it before the drain flips health for good.
+pub async fn watch_pools(pools: Vec<Arc<Pool>>, health: medgemma_rpc::Health, interval: Duration) {
+    let mut serving = true;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut empty = Vec::new();
+        for p in pools.iter().filter(|p| !p.targets().is_empty()) {
+            if p.check_health(interval).await == 0 {
+                empty.push(p.name());
+            }
+        }
+        match (serving, empty.is_empty()) {
+            (true, false) => {
+                tracing::warn!(pools = ?empty, "no healthy replica; health: not serving");
+                health.set_not_serving().await;
+                serving = false;
+            }
+            (false, true) => {
+                tracing::info!("every pool has a healthy replica again");
+                health.set_serving().await;
+                serving = true;
+            }
+            _ => {}
+        }
     }
 }
 
@@ -364,6 +503,65 @@ mod tests {
             .await;
         let s: Status = r.unwrap_err().into();
         assert!(medgemma_rpc::is_overloaded(&s), "{s:?}");
+    }
+
+    #[tokio::test]
+    async fn retries_are_bounded_by_attempts_and_budget_with_jittered_backoff() {
+        let targets: Vec<String> = (1..=5).map(|p| format!("127.0.0.1:{p}")).collect();
+        let p = Pool::new("text", "--text-pool", targets).with_retries(3, 0.2);
+        p.refresh().await;
+        let tries = AtomicUsize::new(0);
+        let unavailable = || async {
+            tries.fetch_add(1, Ordering::Relaxed);
+            Err::<(), _>(Status::unavailable("down"))
+        };
+        // Five replicas, but at most three attempts per call.
+        let _ = p.call(|_| unavailable()).await;
+        assert_eq!(tries.load(Ordering::Relaxed), 3);
+        // A pool where every call fails: retries stop at the reserve plus 20% of first
+        // attempts.
+        let calls = 200;
+        for _ in 1..calls {
+            let _ = p.call(|_| unavailable()).await;
+        }
+        let retries = tries.load(Ordering::Relaxed) - calls;
+        let bound = (RETRY_RESERVE + 0.2 * calls as f64).ceil() as usize;
+        assert!(retries <= bound, "{retries} retries for {calls} calls");
+        assert!(retries >= bound - 2, "{retries} retries for {calls} calls");
+        // Backoff: jittered, growing, capped.
+        let waits: Vec<Duration> = (0..200).map(|_| backoff(1)).collect();
+        assert!(waits.iter().all(|w| *w <= BACKOFF_BASE));
+        assert!(waits.iter().any(|w| *w != waits[0]), "jittered");
+        assert!((0..200).all(|_| backoff(30) <= BACKOFF_MAX));
+        assert!((0..200).any(|_| backoff(4) > BACKOFF_BASE));
+    }
+
+    #[tokio::test]
+    async fn a_request_that_failed_a_replica_is_not_replayed() {
+        let p = Pool::new(
+            "text",
+            "--text-pool",
+            vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+        );
+        p.refresh().await;
+        for status in [
+            Status::internal("the model worker stopped while generating this request"),
+            Status::unknown("stream reset"),
+            Status::invalid_argument("bad"),
+            Status::deadline_exceeded("late"),
+        ] {
+            let code = status.code();
+            let mut tries = 0;
+            let r: Result<(), _> = p
+                .call(|_| {
+                    tries += 1;
+                    let s = status.clone();
+                    async move { Err(s) }
+                })
+                .await;
+            assert_eq!(tries, 1, "{code:?}");
+            assert_eq!(Status::from(r.unwrap_err()).code(), code);
+        }
     }
 
     #[test]

@@ -59,6 +59,9 @@ impl CallCtx {
     }
 }
 
+/// Default of `--max-input-tokens`.
+pub const DEFAULT_MAX_INPUT_TOKENS: u32 = 32_768;
+
 /// The pools and settings the tasks run on.
 #[derive(Debug)]
 pub struct Tasks {
@@ -67,6 +70,8 @@ pub struct Tasks {
     pub multimodal: Arc<Pool>,
     pub vision: Arc<Pool>,
     pub disclaimer: String,
+    /// The most prompt tokens one generator call may carry (`--max-input-tokens`).
+    pub max_input_tokens: u32,
 }
 
 /// Token counts and timings summed over a task's model calls.
@@ -228,7 +233,14 @@ impl Tasks {
             multimodal,
             vision,
             disclaimer,
+            max_input_tokens: DEFAULT_MAX_INPUT_TOKENS,
         }
+    }
+
+    /// Sets the prompt token cap per generator call.
+    pub fn with_max_input_tokens(mut self, max: u32) -> Self {
+        self.max_input_tokens = max;
+        self
     }
 
     /// The prompt of `messages` (with the opening of the model's turn) as token ids, in one
@@ -315,6 +327,16 @@ impl Tasks {
         deltas: Option<&Deltas>,
         content_field: &'static str,
     ) -> Result<gen_pb::GenerateResponse, GatewayError> {
+        if req.prompt_ids.len() > self.max_input_tokens as usize {
+            return Err(GatewayError::field(
+                content_field,
+                format!(
+                    "the prompt is {} tokens, over the limit of {} (--max-input-tokens)",
+                    req.prompt_ids.len(),
+                    self.max_input_tokens
+                ),
+            ));
+        }
         let caller_gone = async {
             match deltas {
                 Some(tx) => tx.closed().await,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use medgemma_engine::generate::SchedulerConfig;
 use medgemma_model::{Gemma3, KvCacheConfig, LoadOptions, ModelDType, Quantize};
+use medgemma_rpc::worker::WatchdogOptions;
 use medgemma_tokenizer::Tokenizer;
 
 use crate::error::GeneratorError;
@@ -75,9 +76,29 @@ pub struct GeneratorArgs {
     #[arg(long, env = "MEDGEMMA_KV_CACHE_BYTES")]
     pub kv_cache_bytes: Option<usize>,
     /// Seconds in-flight calls may run after SIGTERM before their connections are closed.
-    #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT_S", default_value_t = 10)]
+    #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT_S", default_value_t = DEFAULT_DRAIN_TIMEOUT_S)]
     pub drain_timeout_s: u64,
+    /// The most new tokens a request may ask for (`sampling.max_new_tokens`); more is
+    /// INVALID_ARGUMENT, whoever the caller.
+    #[arg(long, env = "MEDGEMMA_MAX_NEW_TOKENS_LIMIT", default_value_t = 4096)]
+    pub max_new_tokens_limit: u32,
+    /// The longest constraint (JSON schema or regex) a request may carry, in bytes; longer is
+    /// INVALID_ARGUMENT.
+    #[arg(long, env = "MEDGEMMA_MAX_CONSTRAINT_BYTES", default_value_t = 64 << 10)]
+    pub max_constraint_bytes: usize,
+    /// Seconds the model thread may hold work without progress before health reports
+    /// NOT_SERVING (a wedged worker).
+    #[arg(long, env = "MEDGEMMA_WORKER_WEDGED_AFTER_S", default_value_t = 120)]
+    pub worker_wedged_after_s: u64,
+    /// Seconds health stays NOT_SERVING for a dead or wedged model thread before the process
+    /// exits non-zero (70) for its orchestrator to restart it.
+    #[arg(long, env = "MEDGEMMA_WATCHDOG_GRACE_S", default_value_t = 30)]
+    pub watchdog_grace_s: u64,
 }
+
+/// Default drain bound: above the longest generation the defaults allow (4096 new tokens at
+/// ~40 tokens/s on a CPU).
+pub const DEFAULT_DRAIN_TIMEOUT_S: u64 = 120;
 
 /// What the service needs besides the model: see [`GeneratorArgs`] for the meaning of each.
 #[derive(Debug, Clone)]
@@ -94,11 +115,18 @@ pub struct GeneratorConfig {
     pub scheduler: SchedulerConfig,
     /// Drain bound at shutdown.
     pub drain_timeout: Duration,
+    /// The most new tokens a request may ask for.
+    pub max_new_tokens_limit: u32,
+    /// The longest constraint (JSON schema or regex) a request may carry, in bytes.
+    pub max_constraint_bytes: usize,
+    /// How the model thread's health is judged.
+    pub watchdog: WatchdogOptions,
 }
 
 impl GeneratorConfig {
     /// Defaults for a model id: queue of 16, 512-token budget, no KV limit, 64 running
-    /// sequences, 512 rows per step, 10 s drain.
+    /// sequences, 512 rows per step, 120 s drain, at most 4096 new tokens and 64 KiB of
+    /// constraint per request.
     pub fn new(model_id: impl Into<String>) -> Self {
         Self {
             model_id: model_id.into(),
@@ -106,7 +134,10 @@ impl GeneratorConfig {
             default_max_new_tokens: 512,
             kv_cache: KvCacheConfig::default(),
             scheduler: SchedulerConfig::default(),
-            drain_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_S),
+            max_new_tokens_limit: 4096,
+            max_constraint_bytes: 64 << 10,
+            watchdog: WatchdogOptions::default(),
         }
     }
 
@@ -136,6 +167,12 @@ impl GeneratorConfig {
             return Err(GeneratorError::Config(
                 "--max-input-tokens must be at least 1".into(),
             ));
+        }
+        if self.default_max_new_tokens > self.max_new_tokens_limit {
+            return Err(GeneratorError::Config(format!(
+                "--default-max-new-tokens ({}) is above --max-new-tokens-limit ({})",
+                self.default_max_new_tokens, self.max_new_tokens_limit
+            )));
         }
         if self.model_id.trim().is_empty() {
             return Err(GeneratorError::Config(
@@ -185,6 +222,13 @@ impl GeneratorArgs {
                 prefix_caching: self.prefix_caching,
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
+            max_new_tokens_limit: self.max_new_tokens_limit,
+            max_constraint_bytes: self.max_constraint_bytes,
+            watchdog: WatchdogOptions {
+                wedged_after: Duration::from_secs(self.worker_wedged_after_s),
+                exit_after: Some(Duration::from_secs(self.watchdog_grace_s)),
+                ..WatchdogOptions::default()
+            },
         }
     }
 

@@ -60,6 +60,13 @@ impl RunningGenerator {
     ) -> Result<(), GeneratorError> {
         self.service.start(model, tokenizer).await?;
         self.health.set_serving().await;
+        if let Some(pulse) = self.service.pulse() {
+            tokio::spawn(medgemma_rpc::worker::watchdog(
+                self.health.clone(),
+                pulse.clone(),
+                self.service.config().watchdog,
+            ));
+        }
         Ok(())
     }
 }

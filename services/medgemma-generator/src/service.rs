@@ -14,6 +14,7 @@ use medgemma_model::Gemma3;
 use medgemma_proto::generation::v1 as pb;
 use medgemma_proto::generation::v1::generator_server::{Generator, GeneratorServer};
 use medgemma_rpc::FieldViolation;
+use medgemma_rpc::worker::{Pulse, Queue, SendError};
 use medgemma_tokenizer::Tokenizer;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::UnboundedReceiverStream};
@@ -41,7 +42,7 @@ struct ModelInfo {
 }
 
 struct Ready {
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: Queue<Job>,
     stats: Arc<WorkerStats>,
     info: ModelInfo,
 }
@@ -108,14 +109,16 @@ impl GeneratorService {
                 .map(|m| u32::try_from(m.mm_tokens_per_image).unwrap_or(u32::MAX)),
             eos_token_ids: medgemma_engine::generate::stop_ids(&model, &tokenizer),
         };
-        let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(WorkerStats::default());
-        let warm = worker::spawn(
+        let cfg = &self.inner.config;
+        // Never more than running + waiting jobs are in the system (`submit`'s admission).
+        let capacity = cfg.scheduler.max_running + cfg.queue_capacity;
+        let (tx, warm) = worker::spawn(
             model,
             tokenizer,
-            self.inner.config.kv_cache,
-            self.inner.config.scheduler,
-            rx,
+            cfg.kv_cache,
+            cfg.scheduler,
+            capacity,
             stats.clone(),
         )
         .map_err(|e| GeneratorError::Config(format!("cannot start the model thread: {e}")))?;
@@ -136,6 +139,11 @@ impl GeneratorService {
                 info,
             })
             .map_err(|_| GeneratorError::Config("the generator is already started".into()))
+    }
+
+    /// The model thread's pulse (for the health watchdog), once started.
+    pub fn pulse(&self) -> Option<&Pulse> {
+        self.inner.ready.get().map(|r| r.jobs.pulse())
     }
 
     /// The tonic server for this service, with raised message limits.
@@ -219,11 +227,17 @@ impl GeneratorService {
                 QUEUE_FULL_RETRY_AFTER,
             ));
         }
-        match ready.jobs.send(job) {
+        match ready.jobs.try_send(job) {
             Ok(()) => Ok((rx, want_logprobs)),
-            Err(_) => {
+            Err((e, _)) => {
                 ready.stats.in_system.fetch_sub(1, Ordering::Relaxed);
-                Err(Status::unavailable("the model worker has stopped"))
+                Err(match e {
+                    SendError::Full => medgemma_rpc::overloaded(
+                        "the generator queue is full; retry later",
+                        QUEUE_FULL_RETRY_AFTER,
+                    ),
+                    SendError::Gone => Status::unavailable("the model worker has stopped"),
+                })
             }
         }
     }
@@ -423,6 +437,18 @@ fn convert(
             "must be at least 1",
         ));
     }
+    if let Some(n) = s
+        .max_new_tokens
+        .filter(|&n| n > config.max_new_tokens_limit)
+    {
+        v.push(FieldViolation::new(
+            "sampling.max_new_tokens",
+            format!(
+                "{n} is over the limit of {} (--max-new-tokens-limit)",
+                config.max_new_tokens_limit
+            ),
+        ));
+    }
     let top_logprobs = req.top_logprobs.unwrap_or(0) as usize;
     if top_logprobs > MAX_TOP_LOGPROBS {
         v.push(FieldViolation::new(
@@ -463,6 +489,19 @@ fn convert(
         ));
     }
     let constraint = match req.constraint.and_then(|c| c.kind) {
+        Some(
+            pb::constraint::Kind::JsonSchema(ref text) | pb::constraint::Kind::Regex(ref text),
+        ) if text.len() > config.max_constraint_bytes => {
+            v.push(FieldViolation::new(
+                "constraint",
+                format!(
+                    "{} bytes, over the limit of {} bytes (--max-constraint-bytes)",
+                    text.len(),
+                    config.max_constraint_bytes
+                ),
+            ));
+            None
+        }
         None => None,
         Some(pb::constraint::Kind::JsonSchema(text)) => {
             match serde_json::from_str::<serde_json::Value>(&text) {
@@ -594,6 +633,21 @@ fn response(finished: Finished, want_logprobs: bool, model_id: &str) -> pb::Gene
     }
 }
 
+/// What a caller gets when the model thread died while holding its request.
+fn worker_died() -> Status {
+    Status::internal("the model worker stopped while generating this request")
+}
+
+/// A stream of at most one error, decided when it is polled (after the stream before it).
+fn error_at_end(
+    f: impl FnOnce() -> Option<Status> + Send + 'static,
+) -> impl Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send + 'static {
+    let mut f = Some(f);
+    tokio_stream::iter(std::iter::from_fn(move || {
+        f.take().and_then(|f| f()).map(Err)
+    }))
+}
+
 fn job_status(e: JobError) -> Status {
     match e {
         JobError::DeadlineExceeded { queued: true } => {
@@ -629,7 +683,9 @@ impl Generator for GeneratorService {
                 }
             }
         }
-        Err(Status::unavailable("the model worker stopped"))
+        // The thread answers every job it takes; a closed channel without an answer means it
+        // died holding this request (INTERNAL: a gateway must not replay it elsewhere).
+        Err(worker_died())
     }
 
     type GenerateStreamStream = EventStream;
@@ -642,6 +698,10 @@ impl Generator for GeneratorService {
         let model_id = self.inner.config.model_id.clone();
         // The stream owns the receiver: when tonic drops it (client cancelled or disconnected),
         // the model thread sees a closed channel and stops at the next token.
+        // A stream never ends OK after partial output: if the thread dies before the final
+        // response, the caller gets INTERNAL as the last message.
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = ended.clone();
         let stream = UnboundedReceiverStream::new(events).map(move |event| {
             use pb::generate_stream_response::Event as Out;
             match event {
@@ -659,13 +719,19 @@ impl Generator for GeneratorService {
                         },
                     })),
                 }),
-                Event::Done(result) => result
-                    .map(|f| pb::GenerateStreamResponse {
-                        event: Some(Out::Response(response(f, want_logprobs, &model_id))),
-                    })
-                    .map_err(job_status),
+                Event::Done(result) => {
+                    seen.store(true, Ordering::Release);
+                    result
+                        .map(|f| pb::GenerateStreamResponse {
+                            event: Some(Out::Response(response(f, want_logprobs, &model_id))),
+                        })
+                        .map_err(job_status)
+                }
             }
         });
+        let stream = stream.chain(error_at_end(move || {
+            (!ended.load(Ordering::Acquire)).then(worker_died)
+        }));
         Ok(Response::new(Box::pin(stream)))
     }
 

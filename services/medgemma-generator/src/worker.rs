@@ -8,7 +8,6 @@
 //! were running (INTERNAL) and the thread keeps serving.
 
 use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use medgemma_engine::generate::{
 };
 use medgemma_engine::sampling::Sampled;
 use medgemma_model::{Gemma3, KvCacheConfig};
+use medgemma_rpc::worker::{self, Jobs, Pulse, Queue};
 use medgemma_tokenizer::Tokenizer;
 use tokio::sync::{mpsc, oneshot};
 
@@ -84,53 +84,57 @@ struct Live {
     channel_wait: Duration,
 }
 
-/// Starts the model thread. The returned receiver resolves once the one-token warm-up is done
+/// The model thread's queue, and the receiver that resolves once the one-token warm-up is done
 /// (or failed, in which case the thread has exited).
+pub(crate) type Started = (Queue<Job>, oneshot::Receiver<Result<(), EngineError>>);
+
+/// Starts the model thread (through [`medgemma_rpc::worker`]: a bounded queue of `capacity`
+/// jobs, every step under its panic guard).
 pub(crate) fn spawn(
     model: Arc<Gemma3>,
     tokenizer: Arc<Tokenizer>,
     kv: KvCacheConfig,
     sched: SchedulerConfig,
-    jobs: mpsc::UnboundedReceiver<Job>,
+    capacity: usize,
     stats: Arc<WorkerStats>,
-) -> std::io::Result<oneshot::Receiver<Result<(), EngineError>>> {
+) -> std::io::Result<Started> {
     let (ready_tx, ready_rx) = oneshot::channel();
-    std::thread::Builder::new()
-        .name("medgemma-engine".into())
-        .spawn(move || {
-            let warm_id = tokenizer
-                .bos_id()
-                .or(model.config().text.bos_token_id)
-                .unwrap_or(0);
-            let mut engine = Engine::with_scheduler(model, tokenizer, kv, sched);
-            let warm = engine
-                .generate(&GenerationRequest::new(vec![warm_id], 1), &mut |_| true)
-                .map(|_| ());
-            let failed = warm.is_err();
-            let _ = ready_tx.send(warm);
-            if failed {
-                return;
-            }
-            tracing::info!(
-                max_running = sched.max_running,
-                max_batch_tokens = sched.max_batch_tokens,
-                "model thread ready"
-            );
-            Scheduler {
-                engine,
-                jobs,
-                live: HashMap::new(),
-                stats,
-            }
-            .run();
-            tracing::info!("model thread stopped: the queue is closed");
-        })?;
-    Ok(ready_rx)
+    let (queue, _pulse) = worker::spawn("medgemma-engine", capacity, move |jobs, pulse| {
+        let warm_id = tokenizer
+            .bos_id()
+            .or(model.config().text.bos_token_id)
+            .unwrap_or(0);
+        let mut engine = Engine::with_scheduler(model, tokenizer, kv, sched);
+        let warm = engine
+            .generate(&GenerationRequest::new(vec![warm_id], 1), &mut |_| true)
+            .map(|_| ());
+        let failed = warm.is_err();
+        let _ = ready_tx.send(warm);
+        if failed {
+            return;
+        }
+        tracing::info!(
+            max_running = sched.max_running,
+            max_batch_tokens = sched.max_batch_tokens,
+            "model thread ready"
+        );
+        Scheduler {
+            engine,
+            jobs,
+            pulse,
+            live: HashMap::new(),
+            stats,
+        }
+        .run();
+        tracing::info!("model thread stopped: the queue is closed");
+    })?;
+    Ok((queue, ready_rx))
 }
 
 struct Scheduler {
     engine: Engine,
-    jobs: mpsc::UnboundedReceiver<Job>,
+    jobs: Jobs<Job>,
+    pulse: Pulse,
     live: HashMap<SequenceId, Live>,
     stats: Arc<WorkerStats>,
 }
@@ -139,12 +143,12 @@ impl Scheduler {
     fn run(mut self) {
         loop {
             if !self.engine.has_work() {
-                match self.jobs.blocking_recv() {
+                match self.jobs.recv() {
                     Some(job) => self.accept(job),
                     None => return,
                 }
             }
-            while let Ok(job) = self.jobs.try_recv() {
+            while let Some(job) = self.jobs.try_recv() {
                 self.accept(job);
             }
             self.drop_dead();
@@ -238,7 +242,7 @@ impl Scheduler {
     }
 
     fn step(&mut self) {
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.engine.step()));
+        let result = self.pulse.guard(|| self.engine.step());
         self.publish();
         let events = match result {
             Ok(Ok(events)) => events,

@@ -332,17 +332,21 @@ impl Suite {
         .await
     }
 
-    /// Stops every server, the gateway first, within `bound` in all; returns what went wrong.
+    /// Stops every server within `bound` in all, the gateway first: its streams finish (up
+    /// to its drain timeout) while the backends still serve them; then the backends drain in
+    /// parallel. Returns what went wrong.
     pub async fn stop(self, bound: Duration) -> Vec<String> {
         let deadline = tokio::time::Instant::now() + bound;
         let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
         let mut errors = Vec::new();
-        let mut servers = vec![self.gateway];
-        servers.extend(self.text.into_iter().map(|g| g.server));
+        if let Err(e) = self.gateway.stop(left()).await {
+            errors.push(e);
+        }
+        let mut servers: Vec<Server> = self.text.into_iter().map(|g| g.server).collect();
         servers.push(self.multimodal.server);
         servers.push(self.vision);
         servers.push(self.tokenizer);
-        // Signal all first so they drain in parallel, then wait.
+        // Signal the backends first so they drain in parallel, then wait.
         for s in &servers {
             let _ = s.stop.send(true);
         }

@@ -6,6 +6,8 @@
 //! a generator's sequences or stops a replica starts its own generators and gateway on the
 //! shared model, so tests running in parallel cannot disturb it.
 
+mod robust;
+
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 

@@ -32,6 +32,10 @@ pub struct TokenizerArgs {
     /// Soft tokens per image when a request sets none (256 for Gemma 3).
     #[arg(long, env = "MEDGEMMA_TOKENS_PER_IMAGE", default_value_t = 256)]
     pub tokens_per_image: u32,
+    /// The most image soft tokens (`image_count x tokens_per_image`) one request may expand;
+    /// more is INVALID_ARGUMENT.
+    #[arg(long, env = "MEDGEMMA_MAX_IMAGE_TOKENS", default_value_t = crate::service::DEFAULT_MAX_IMAGE_TOKENS)]
+    pub max_image_tokens: u64,
     /// Seconds in-flight calls may run after SIGTERM before their connections are closed.
     #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT_S", default_value_t = 10)]
     pub drain_timeout_s: u64,
@@ -62,7 +66,7 @@ impl TokenizerArgs {
         if let Some(note) = encoder.template().fallback_notice() {
             tracing::info!("{note}");
         }
-        Ok(TokenizerService::new(encoder, tokens_per_image))
+        Ok(TokenizerService::new(encoder, tokens_per_image).with_max_image_tokens(self.max_image_tokens))
     }
 }
 

@@ -13,6 +13,9 @@ use tonic::{Request, Response, Status};
 
 use crate::config::service_limits::MAX_TOKENS_PER_IMAGE;
 
+/// Default of `--max-image-tokens`: 64 images of Gemma 3's 256 soft tokens.
+pub const DEFAULT_MAX_IMAGE_TOKENS: u64 = 16_384;
+
 /// Most messages in one `RenderChat` or `EncodeChat`.
 const MAX_MESSAGES: usize = 1024;
 
@@ -22,6 +25,8 @@ const MAX_CONTINUATIONS: usize = 64;
 struct Inner {
     encoder: PromptEncoder,
     tokens_per_image: usize,
+    /// The most image soft tokens (`image_count x tokens_per_image`) one request may expand.
+    max_image_tokens: u64,
 }
 
 /// The tokenizer service over a loaded tokenizer and chat template. Clone freely.
@@ -79,12 +84,22 @@ impl TokenizerService {
             inner: Arc::new(Inner {
                 encoder,
                 tokens_per_image,
+                max_image_tokens: DEFAULT_MAX_IMAGE_TOKENS,
             }),
         }
     }
 
     fn tokenizer(&self) -> &Tokenizer {
         self.inner.encoder.tokenizer()
+    }
+
+    /// Sets the most image soft tokens (`image_count x tokens_per_image`) one request may
+    /// expand (`--max-image-tokens`); more is INVALID_ARGUMENT before anything is allocated.
+    pub fn with_max_image_tokens(mut self, max: u64) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.max_image_tokens = max;
+        }
+        self
     }
 
     /// The tonic server for this service, with raised message limits.
@@ -117,6 +132,23 @@ impl TokenizerService {
         }
     }
 
+    /// INVALID_ARGUMENT when `image_count x tokens_per_image` is over `--max-image-tokens`,
+    /// before anything is allocated for the images.
+    fn check_image_tokens(&self, image_count: u32, tokens_per_image: usize) -> Result<(), Status> {
+        let wanted = u64::from(image_count) * tokens_per_image as u64;
+        let max = self.inner.max_image_tokens;
+        if wanted > max {
+            return Err(bad_request(
+                "image_count",
+                format!(
+                    "{image_count} images x {tokens_per_image} tokens per image = {wanted} image \
+                     tokens, over the limit of {max} (--max-image-tokens)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Expands, encodes and checks; the ids and the image spans.
     fn encode_blocking(
         &self,
@@ -133,6 +165,7 @@ impl TokenizerService {
             return Ok((ids, Vec::new()));
         }
         let layout = self.image_layout(tokens_per_image)?;
+        self.check_image_tokens(image_count, layout.tokens_per_image)?;
         let expanded = layout
             .expand(&text, image_count as usize)
             .map_err(tokenizer_status)?;
@@ -263,6 +296,7 @@ impl TokenizerRpc for TokenizerService {
             self.image_layout(req.tokens_per_image)?;
         }
         let tokens_per_image = self.tokens_per_image(req.tokens_per_image)?;
+        self.check_image_tokens(image_count, tokens_per_image)?;
         let this = self.clone();
         let response = blocking(move || {
             this.encode_chat_blocking(

@@ -24,6 +24,7 @@ fn service() -> Option<TokenizerService> {
                 model: None,
                 cache_dir: None,
                 tokens_per_image: 256,
+                max_image_tokens: 16_384,
                 drain_timeout_s: 1,
             };
             Some(args.load().unwrap())
@@ -284,6 +285,41 @@ async fn bad_requests_get_invalid_argument_with_field_violations() {
     assert_eq!(fields(&err), ["image_count"]);
     // The message names counts, never the text.
     assert!(!err.message().contains("one"), "{}", err.message());
+
+    // image_count x tokens_per_image is bounded before anything is expanded: 2^31 images
+    // (a 2^39-token expansion) and 65 x 256 are refused at once, naming the limit; 64 x 256
+    // (the limit) is served.
+    for (count, per_image) in [(1u32 << 31, Some(256)), (u32::MAX, Some(4096)), (65, None)] {
+        let t = std::time::Instant::now();
+        let err = tok
+            .encode(pb::EncodeRequest {
+                text: "<start_of_image>".into(),
+                add_special_tokens: true,
+                image_count: count,
+                tokens_per_image: per_image,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{count}: {err:?}");
+        assert_eq!(fields(&err), ["image_count"]);
+        assert!(
+            err.message().contains("--max-image-tokens"),
+            "{}",
+            err.message()
+        );
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+    }
+    let ok = tok
+        .count_tokens(pb::CountTokensRequest {
+            text: "<start_of_image>".repeat(64),
+            add_special_tokens: false,
+            image_count: 64,
+            tokens_per_image: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.count >= 64 * 256, "{}", ok.count);
 
     let err = tok
         .image_layout(pb::ImageLayoutRequest {

@@ -53,6 +53,14 @@ pub struct VisionArgs {
     /// The largest decoded image, in pixels (decompression-bomb guard).
     #[arg(long, env = "MEDGEMMA_MAX_IMAGE_PIXELS", default_value_t = medgemma_vision::decode::DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
+    /// The deepest nesting of DICOM sequences accepted, checked before the object is parsed
+    /// (deeper: INVALID_ARGUMENT).
+    #[arg(long, env = "MEDGEMMA_MAX_DICOM_DEPTH", default_value_t = medgemma_vision::decode::DEFAULT_MAX_DICOM_DEPTH)]
+    pub max_dicom_depth: u32,
+    /// The most DICOM elements (items and delimiters included) accepted, checked before the
+    /// object is parsed (more: INVALID_ARGUMENT).
+    #[arg(long, env = "MEDGEMMA_MAX_DICOM_ELEMENTS", default_value_t = medgemma_vision::decode::DEFAULT_MAX_DICOM_ELEMENTS)]
+    pub max_dicom_elements: u64,
     /// The most images in one request.
     #[arg(long, env = "MEDGEMMA_MAX_IMAGES_PER_REQUEST", default_value_t = 8)]
     pub max_images: usize,
@@ -71,9 +79,26 @@ pub struct VisionArgs {
     /// Seconds in-flight calls may run after SIGTERM before their connections are closed.
     #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT_S", default_value_t = 10)]
     pub drain_timeout_s: u64,
+    /// Seconds the encoder thread may hold work without progress before health reports
+    /// NOT_SERVING (a wedged worker).
+    #[arg(long, env = "MEDGEMMA_WORKER_WEDGED_AFTER_S", default_value_t = 120)]
+    pub worker_wedged_after_s: u64,
+    /// Seconds health stays NOT_SERVING for a dead or wedged encoder thread before the process
+    /// exits non-zero (70) for its orchestrator to restart it.
+    #[arg(long, env = "MEDGEMMA_WATCHDOG_GRACE_S", default_value_t = 30)]
+    pub watchdog_grace_s: u64,
 }
 
 impl VisionArgs {
+    /// The watchdog these flags describe.
+    pub fn watchdog(&self) -> medgemma_rpc::worker::WatchdogOptions {
+        medgemma_rpc::worker::WatchdogOptions {
+            wedged_after: std::time::Duration::from_secs(self.worker_wedged_after_s),
+            exit_after: Some(std::time::Duration::from_secs(self.watchdog_grace_s)),
+            ..Default::default()
+        }
+    }
+
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), VisionServiceError> {
         if self.max_image_bytes == 0 || self.max_image_bytes > medgemma_rpc::MAX_MESSAGE_BYTES / 2 {
@@ -86,10 +111,12 @@ impl VisionArgs {
             || self.queue_capacity == 0
             || self.demo_text_hidden == 0
             || self.max_batch_images == 0
+            || self.max_dicom_depth == 0
+            || self.max_dicom_elements == 0
         {
             return Err(VisionServiceError::Config(
-                "--max-images, --queue-capacity, --max-batch-images and --demo-text-hidden must \
-                 be at least 1"
+                "--max-images, --queue-capacity, --max-batch-images, --max-dicom-depth, \
+                 --max-dicom-elements and --demo-text-hidden must be at least 1"
                     .into(),
             ));
         }
@@ -159,6 +186,8 @@ impl VisionArgs {
             embedding_dtype: self.embedding_dtype,
             max_batch_images: self.max_batch_images,
             embedding_cache_bytes: self.embedding_cache_bytes,
+            max_dicom_depth: self.max_dicom_depth,
+            max_dicom_elements: self.max_dicom_elements,
         };
         VisionService::new(encoder, settings)
     }

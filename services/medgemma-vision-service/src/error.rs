@@ -44,6 +44,9 @@ pub enum VisionServiceError {
     /// The request's deadline passed before its images were encoded.
     #[error("deadline exceeded before the images were encoded")]
     DeadlineExceeded,
+    /// The encoder failed (panicked) on the batch holding this request; it goes on serving.
+    #[error("the vision encoder failed on this request")]
+    Crashed,
     /// The encoder thread is gone (shutting down).
     #[error("the vision encoder is not running")]
     WorkerGone,
@@ -61,6 +64,7 @@ pub fn is_input_error(e: &VisionError) -> bool {
         | VisionError::UnsupportedTransferSyntax { .. }
         | VisionError::MissingPixelData
         | VisionError::DicomAttribute { .. }
+        | VisionError::DicomTooComplex { .. }
         | VisionError::Unsupported { .. }
         | VisionError::FrameOutOfRange { .. }
         | VisionError::InvalidArgument(_) => true,
@@ -86,7 +90,8 @@ impl From<VisionServiceError> for Status {
             }
             VisionServiceError::DeadlineExceeded => Status::deadline_exceeded(message),
             VisionServiceError::WorkerGone => Status::unavailable(message),
-            VisionServiceError::Config(_)
+            VisionServiceError::Crashed
+            | VisionServiceError::Config(_)
             | VisionServiceError::Rpc(_)
             | VisionServiceError::Encode { .. } => Status::internal(message),
         }

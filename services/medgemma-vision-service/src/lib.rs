@@ -49,11 +49,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     options: ServeOptions,
 ) -> Result<RunningVision, VisionServiceError> {
+    let watchdog = options.watchdog;
     let server = RpcServer::bind_with(listen, &[SERVICE_NAME], options).await?;
     let warm = service.clone();
     let running = server.spawn(Routes::new(service.into_server()), shutdown);
     warm.warmed().await?;
     running.health.set_serving().await;
+    running.watch(warm.pulse().clone(), watchdog);
     Ok(running)
 }
 
@@ -65,6 +67,7 @@ pub async fn launch(
     args.validate()?;
     let options = ServeOptions {
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout_s),
+        watchdog: args.watchdog(),
         ..ServeOptions::default()
     };
     let listen = args.listen.clone();

@@ -16,10 +16,11 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor};
 use medgemma_proto::vision::v1 as pb;
 use medgemma_rpc::FieldViolation;
+use medgemma_rpc::worker::{self, Jobs, Pulse, Queue, SendError};
 use medgemma_vision::{DecodeOptions, VisionEncoder, detect_format};
 use pb::vision_encoder_server::{VisionEncoder as VisionEncoderRpc, VisionEncoderServer};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
 use crate::cache::{CacheKey, EmbeddingCache, Encoded};
@@ -60,6 +61,10 @@ pub struct VisionSettings {
     pub max_batch_images: usize,
     /// The embedding cache's byte bound; 0 turns it off.
     pub embedding_cache_bytes: usize,
+    /// The deepest nesting of DICOM sequences accepted (checked before parsing).
+    pub max_dicom_depth: u32,
+    /// The most DICOM elements accepted (checked before parsing).
+    pub max_dicom_elements: u64,
 }
 
 impl VisionSettings {
@@ -75,6 +80,8 @@ impl VisionSettings {
             embedding_dtype: EmbeddingDType::F32,
             max_batch_images: 8,
             embedding_cache_bytes: 256 << 20,
+            max_dicom_depth: medgemma_vision::decode::DEFAULT_MAX_DICOM_DEPTH,
+            max_dicom_elements: medgemma_vision::decode::DEFAULT_MAX_DICOM_ELEMENTS,
         }
     }
 }
@@ -188,7 +195,7 @@ struct Inner {
     hidden_size: u32,
     image_size: u32,
     random: bool,
-    jobs: mpsc::Sender<Job>,
+    jobs: Queue<Job>,
     warm: Mutex<Option<oneshot::Receiver<Result<(), String>>>>,
     shared: Arc<Shared>,
 }
@@ -247,12 +254,13 @@ impl VisionService {
             ));
         }
         let cfg = encoder.config().clone();
-        let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let (warm_tx, warm_rx) = oneshot::channel();
         let decode = DecodeOptions {
             max_encoded_bytes: settings.max_image_bytes,
             max_pixels: settings.max_pixels,
             frame: 0,
+            max_dicom_depth: settings.max_dicom_depth,
+            max_dicom_elements: settings.max_dicom_elements,
         };
         let random = encoder.is_random();
         let shared = Arc::new(Shared {
@@ -266,12 +274,12 @@ impl VisionService {
             max_batch_images: settings.max_batch_images,
             shared: Arc::clone(&shared),
         };
-        std::thread::Builder::new()
-            .name("vision-encoder".into())
-            .spawn(move || worker(encoder, ctx, rx, warm_tx))
-            .map_err(|e| {
-                VisionServiceError::Config(format!("cannot start the encoder thread: {e}"))
-            })?;
+        let (tx, _pulse) = worker::spawn(
+            "vision-encoder",
+            settings.queue_capacity,
+            move |jobs, pulse| worker(encoder, ctx, jobs, &pulse, warm_tx),
+        )
+        .map_err(|e| VisionServiceError::Config(format!("cannot start the encoder thread: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner {
                 tokens_per_image: u32::try_from(cfg.mm_tokens_per_image).unwrap_or(u32::MAX),
@@ -284,6 +292,11 @@ impl VisionService {
                 shared,
             }),
         })
+    }
+
+    /// The encoder thread's pulse, for the health watchdog.
+    pub fn pulse(&self) -> &Pulse {
+        self.inner.jobs.pulse()
     }
 
     /// Waits for the encoder's warm-up (the first call waits; later ones return at once).
@@ -477,13 +490,13 @@ impl VisionService {
         // Counted before the send: the encoder thread may take the job at once.
         let waiting = &self.inner.shared.counters.waiting;
         waiting.fetch_add(1, Ordering::Relaxed);
-        self.inner.jobs.try_send(job).map_err(|e| {
+        self.inner.jobs.try_send(job).map_err(|(e, _)| {
             waiting.fetch_sub(1, Ordering::Relaxed);
             match e {
-                mpsc::error::TrySendError::Full(_) => VisionServiceError::Overloaded {
+                SendError::Full => VisionServiceError::Overloaded {
                     capacity: self.inner.settings.queue_capacity,
                 },
-                mpsc::error::TrySendError::Closed(_) => VisionServiceError::WorkerGone,
+                SendError::Gone => VisionServiceError::WorkerGone,
             }
         })?;
         match timeout {
@@ -492,7 +505,15 @@ impl VisionService {
                 .map_err(|_| VisionServiceError::DeadlineExceeded)?,
             None => rx.await,
         }
-        .map_err(|_| VisionServiceError::WorkerGone)?
+        // A dropped reply: the batch panicked (the thread lives on: INTERNAL, a request that
+        // crashes the encoder is not one to retry elsewhere), or the thread is gone.
+        .map_err(|_| {
+            if self.pulse().is_alive() {
+                VisionServiceError::Crashed
+            } else {
+                VisionServiceError::WorkerGone
+            }
+        })?
     }
 }
 
@@ -513,7 +534,8 @@ struct WorkerContext {
 fn worker(
     encoder: VisionEncoder,
     ctx: WorkerContext,
-    mut jobs: mpsc::Receiver<Job>,
+    mut jobs: Jobs<Job>,
+    pulse: &Pulse,
     warm: oneshot::Sender<Result<(), String>>,
 ) {
     let size = 32;
@@ -531,7 +553,7 @@ fn worker(
     loop {
         let first = match next.take() {
             Some(job) => job,
-            None => match jobs.blocking_recv() {
+            None => match jobs.recv() {
                 Some(job) => job,
                 None => return,
             },
@@ -541,29 +563,24 @@ fn worker(
         let mut batch = vec![first];
         while images < ctx.max_batch_images {
             match jobs.try_recv() {
-                Ok(job) if images + job.images.len() <= ctx.max_batch_images => {
+                Some(job) if images + job.images.len() <= ctx.max_batch_images => {
                     images += job.images.len();
                     batch.push(job);
                 }
-                Ok(job) => {
+                Some(job) => {
                     next = Some(job);
                     break;
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         ctx.shared
             .counters
             .waiting
             .fetch_sub(batch.len(), Ordering::Relaxed);
-        // A panic inside a batch drops its jobs' reply senders (their callers get UNAVAILABLE)
+        // A panic inside a batch drops its jobs' reply senders (their callers get INTERNAL)
         // and the thread keeps serving the next batch.
-        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run_batch(&encoder, &ctx, batch);
-        }));
-        if ran.is_err() {
-            tracing::error!("a vision batch panicked; its requests failed, the encoder goes on");
-        }
+        let _ = pulse.guard(|| run_batch(&encoder, &ctx, batch));
     }
 }
 
