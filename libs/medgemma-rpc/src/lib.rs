@@ -14,14 +14,19 @@
 //!   DEADLINE_EXCEEDED when it expires before the response starts.
 //! - [`bad_request`]: INVALID_ARGUMENT with `google.rpc.BadRequest` field violations.
 //! - [`client`]: a channel with our settings, health checks, reflection listings.
-//! - [`init_logging`]: the one log set-up of every binary (stderr, `MEDGEMMA_LOG`).
+//! - [`telemetry`]: the one telemetry set-up of every service binary ([`CommonArgs`]: logs as
+//!   JSON lines or human-readable, OTLP trace export from the standard `OTEL_*` variables, the
+//!   panic hook, `--metrics-addr`); [`init_logging`] for the CLI's one-shot commands.
+//! - [`metrics`]: the Prometheus metrics (vLLM-style names) and their text endpoint.
 
 pub mod client;
 pub mod deadline;
 mod error;
 mod layer;
+pub mod metrics;
 mod server;
 mod status;
+pub mod telemetry;
 pub mod trace;
 
 pub use error::RpcError;
@@ -38,7 +43,8 @@ pub fn init_logging(default_level: &str) {
         )
         .init();
 }
-pub use layer::{RpcLayer, RpcService};
+pub use layer::{RpcLayer, RpcService, TASK_HEADER, TASKS, Task, code_name, task};
+pub use telemetry::{CommonArgs, LogFormat, Telemetry};
 pub use server::{Health, RpcServer, Running, ServeOptions, shutdown_signal};
 pub use status::{
     FieldViolation, bad_request, bad_request_violations, field_violations, is_overloaded,

@@ -16,6 +16,7 @@ use medgemma_rpc::trace::TraceContext;
 use tokio::sync::{OnceCell, mpsc};
 use tokio::time::Instant;
 use tonic::{Code, Request};
+use tracing::Instrument;
 
 use crate::deadline::Deadline;
 use crate::error::GatewayError;
@@ -32,6 +33,8 @@ pub type Deltas = mpsc::Sender<String>;
 pub struct CallCtx {
     pub deadline: Deadline,
     pub trace: TraceContext,
+    /// The clinical task (a closed set), sent on as `medgemma-task` so backends count by task.
+    pub task: &'static str,
 }
 
 impl CallCtx {
@@ -39,6 +42,10 @@ impl CallCtx {
     fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         medgemma_rpc::trace::inject(&self.trace, req.metadata_mut());
+        req.metadata_mut().insert(
+            medgemma_rpc::TASK_HEADER,
+            tonic::metadata::MetadataValue::from_static(self.task),
+        );
         self.deadline.apply(&mut req);
         req
     }
@@ -234,7 +241,17 @@ impl Tasks {
                 c.render_chat(req).await.map(|r| r.into_inner().text)
             }
         });
-        ctx.bounded("rendering the prompt", fut).await
+        let rendered = ctx
+            .bounded("rendering the prompt", fut)
+            .instrument(tracing::info_span!("render", otel.kind = "client"))
+            .await;
+        if medgemma_rpc::telemetry::log_content()
+            && let Ok(prompt) = &rendered
+        {
+            // Patient data: only with --log-content, which warned at start-up.
+            tracing::debug!(prompt = %prompt, "rendered (--log-content)");
+        }
+        rendered
     }
 
     async fn encode(
@@ -257,7 +274,9 @@ impl Tasks {
                 c.encode(req).await.map(|r| r.into_inner().ids)
             }
         });
-        ctx.bounded("encoding the prompt", fut).await
+        ctx.bounded("encoding the prompt", fut)
+            .instrument(tracing::info_span!("encode", otel.kind = "client", medgemma.image_count = image_count))
+            .await
     }
 
     /// The ids of the option letters, asked of the tokenizer once: the first id of each letter
@@ -299,6 +318,29 @@ impl Tasks {
     /// Generates on `pool`, streaming text deltas to `deltas` when given. `content_field` names
     /// the request field a rejected prompt is blamed on (prompt over the context).
     async fn generate(
+        &self,
+        pool: &Pool,
+        ctx: &CallCtx,
+        req: gen_pb::GenerateRequest,
+        deltas: Option<&Deltas>,
+        content_field: &'static str,
+    ) -> Result<gen_pb::GenerateResponse, GatewayError> {
+        let span = crate::telemetry::chat_span(pool.name(), &req);
+        let r = self
+            .generate_inner(pool, ctx, req, deltas, content_field)
+            .instrument(span.clone())
+            .await;
+        crate::telemetry::chat_done(&span, &r);
+        if medgemma_rpc::telemetry::log_content()
+            && let Ok(r) = &r
+        {
+            // Patient data: only with --log-content, which warned at start-up.
+            tracing::debug!(parent: &span, answer = %r.text, "generated (--log-content)");
+        }
+        r
+    }
+
+    async fn generate_inner(
         &self,
         pool: &Pool,
         ctx: &CallCtx,
@@ -587,6 +629,7 @@ impl Tasks {
         });
         let embedded = ctx
             .bounded("encoding the image", embed)
+            .instrument(tracing::info_span!("vision.embed", otel.kind = "client", medgemma.image_count = 1))
             .await
             .map_err(blame_image)?;
         let vision_ms = t_vision.elapsed().as_secs_f64() * 1e3;

@@ -109,7 +109,10 @@ impl GeneratorService {
             eos_token_ids: medgemma_engine::generate::stop_ids(&model, &tokenizer),
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let stats = Arc::new(WorkerStats::default());
+        let stats = Arc::new(WorkerStats {
+            labels: crate::telemetry::engine_labels(&self.inner.config.model_id),
+            ..WorkerStats::default()
+        });
         let warm = worker::spawn(
             model,
             tokenizer,
@@ -193,12 +196,18 @@ impl GeneratorService {
             want_logprobs,
         } = convert(request.into_inner(), &ready.info, &self.inner.config)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let span = crate::telemetry::generate_span(
+            &self.inner.config.model_id,
+            &request,
+            ready.info.tokens_per_image,
+        );
         let job = Job {
             request,
             events: tx,
             stream,
             deadline,
             enqueued: Instant::now(),
+            span,
         };
         // Room for `max_running` running sequences and `queue_capacity` waiting ones.
         let cfg = &self.inner.config;
