@@ -211,7 +211,7 @@ impl Drop for ObservedBody {
     fn drop(&mut self) {
         // Dropped before its end: the caller went away (or the connection did).
         let code = if self.inner.is_end_stream() {
-            self.header_code.unwrap_or(tonic::Code::Ok)
+            self.header_code.unwrap_or(tonic::Code::Unknown)
         } else {
             tonic::Code::Cancelled
         };
@@ -377,14 +377,14 @@ mod tests {
             .header("grpc-timeout", "5S")
             .body(())
             .unwrap();
-        let response = svc.oneshot(request).await.unwrap();
-        assert_eq!(response.headers()["x-seen"], "true,true");
-        // The body's end records the call (status in no trailers: UNKNOWN).
+        // The body's end records the call (no status at all: UNKNOWN).
         let before = crate::metrics::metrics()
             .requests
             .with_label_values(&["unknown", "unknown", "none", "UNKNOWN"])
             .get();
-        let _ = http_body_util_collect(response.into_body()).await;
+        let response = svc.oneshot(request).await.unwrap();
+        assert_eq!(response.headers()["x-seen"], "true,true");
+        http_body_util_collect(response.into_body()).await;
         let after = crate::metrics::metrics()
             .requests
             .with_label_values(&["unknown", "unknown", "none", "UNKNOWN"])
