@@ -220,7 +220,13 @@ impl Drop for ObservedBody {
 }
 
 /// The per-call span: INFO for our services (exported), DEBUG for health and reflection.
-fn call_span(path: &str, grpc_service: &str, method: &str, service: &str, task: &str) -> tracing::Span {
+fn call_span(
+    path: &str,
+    grpc_service: &str,
+    method: &str,
+    service: &str,
+    task: &str,
+) -> tracing::Span {
     let name = path.trim_start_matches('/');
     macro_rules! rpc_span {
         ($level:expr) => {
@@ -274,7 +280,10 @@ where
         let service = service_of(grpc_service);
         let task = task_of(
             method,
-            request.headers().get(TASK_HEADER).and_then(|v| v.to_str().ok()),
+            request
+                .headers()
+                .get(TASK_HEADER)
+                .and_then(|v| v.to_str().ok()),
         );
         let span = call_span(&path, grpc_service, method, service, task);
         let parent_cx = trace::propagator().extract(&HeaderExtractor(request.headers()));
@@ -406,8 +415,14 @@ mod tests {
         assert_eq!(task_of("SummarizeClinicalNoteStream", None), "summarize");
         assert_eq!(task_of("GenerateStream", Some("mcq")), "mcq");
         assert_eq!(task_of("GenerateStream", Some("free text")), "none");
-        assert_eq!(service_of("medgemma.generation.v1.Generator"), "medgemma-generator");
-        assert_eq!(service_of("medgemma.tokenizer.v1.Tokenizer"), "medgemma-tokenizer");
+        assert_eq!(
+            service_of("medgemma.generation.v1.Generator"),
+            "medgemma-generator"
+        );
+        assert_eq!(
+            service_of("medgemma.tokenizer.v1.Tokenizer"),
+            "medgemma-tokenizer"
+        );
         assert_eq!(service_of("evil.Service"), "unknown");
         assert_eq!(service_of("grpc.health.v1.Health"), "health");
     }

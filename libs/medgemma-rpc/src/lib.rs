@@ -44,12 +44,12 @@ pub fn init_logging(default_level: &str) {
         .init();
 }
 pub use layer::{RpcLayer, RpcService, TASK_HEADER, TASKS, Task, code_name, task};
-pub use telemetry::{CommonArgs, LogFormat, Telemetry};
 pub use server::{Health, RpcServer, Running, ServeOptions, shutdown_signal};
 pub use status::{
     FieldViolation, bad_request, bad_request_violations, field_violations, is_overloaded,
     overloaded,
 };
+pub use telemetry::{CommonArgs, LogFormat, Telemetry};
 
 /// The largest gRPC message a medgemma server or client sends or accepts (64 MiB): one image's
 /// embeddings for the 4B model are 1.3 MB in bf16, tonic's default limit is 4 MB.

@@ -83,8 +83,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 ];
 /// Inter-token latency buckets (seconds), vLLM's.
 const ITL_BUCKETS: &[f64] = &[
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    20.0, 40.0, 80.0,
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
 ];
 
 /// Every metric of the process. Handles are cheap to clone; label values come from closed sets.
@@ -159,23 +159,31 @@ impl Metrics {
     fn new() -> Self {
         let r = Registry::new();
         let kv_usage = prometheus::GaugeVec::new(
-            Opts::new(KV_CACHE_USAGE_PERC, "KV-cache usage, 0 to 1 of the byte limit"),
+            Opts::new(
+                KV_CACHE_USAGE_PERC,
+                "KV-cache usage, 0 to 1 of the byte limit",
+            ),
             &["model_name", "engine"],
         )
         .expect("valid metric");
-        r.register(Box::new(kv_usage.clone())).expect("registered once");
+        r.register(Box::new(kv_usage.clone()))
+            .expect("registered once");
         let vision_encode = Histogram::with_opts(
-            HistogramOpts::new(VISION_ENCODE_TIME, "Vision encoder batch wall time, seconds")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                VISION_ENCODE_TIME,
+                "Vision encoder batch wall time, seconds",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
         r.register(Box::new(vision_encode.clone()))
             .expect("registered once");
         let rss = IntGauge::new(PROCESS_RSS, "Resident set size, bytes").expect("valid metric");
         r.register(Box::new(rss.clone())).expect("registered once");
-        let panics = IntCounter::new(PANICS_TOTAL, "Panics caught by the panic hook")
-            .expect("valid metric");
-        r.register(Box::new(panics.clone())).expect("registered once");
+        let panics =
+            IntCounter::new(PANICS_TOTAL, "Panics caught by the panic hook").expect("valid metric");
+        r.register(Box::new(panics.clone()))
+            .expect("registered once");
         Self {
             requests: counter(
                 &r,
@@ -349,9 +357,17 @@ async fn answer_scrape(socket: &mut tokio::net::TcpStream) -> std::io::Result<()
             metrics().render(),
         )
     } else {
-        ("404 Not Found", "text/plain", "not found: try /metrics\n".into())
+        (
+            "404 Not Found",
+            "text/plain",
+            "not found: try /metrics\n".into(),
+        )
     };
-    let body = if method == "HEAD" { String::new() } else { body };
+    let body = if method == "HEAD" {
+        String::new()
+    } else {
+        body
+    };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()

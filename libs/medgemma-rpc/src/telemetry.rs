@@ -171,8 +171,10 @@ fn otlp_endpoint_set() -> bool {
 /// when given, else `default_service`.
 fn resource(default_service: &str) -> Resource {
     let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty())
-        || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
-            .is_ok_and(|v| v.split(',').any(|kv| kv.trim().starts_with("service.name=")));
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| {
+            v.split(',')
+                .any(|kv| kv.trim().starts_with("service.name="))
+        });
     let b = Resource::builder();
     if named {
         b.build()
@@ -234,13 +236,15 @@ async fn init_with_routes(
         .with_location(false)
         .with_tracked_inactivity(false)
         .with_filter(Targets::new().with_target("medgemma", LevelFilter::INFO));
-    let filter = EnvFilter::try_from_env("MEDGEMMA_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(default_level));
-    let format = args.log_format.unwrap_or(if std::io::stderr().is_terminal() {
-        LogFormat::Pretty
-    } else {
-        LogFormat::Json
-    });
+    let filter =
+        EnvFilter::try_from_env("MEDGEMMA_LOG").unwrap_or_else(|_| EnvFilter::new(default_level));
+    let format = args
+        .log_format
+        .unwrap_or(if std::io::stderr().is_terminal() {
+            LogFormat::Pretty
+        } else {
+            LogFormat::Json
+        });
     let fmt = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -257,7 +261,10 @@ async fn init_with_routes(
             .boxed(),
     };
     // A second init in one process (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::registry().with(fmt).with(otel).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init();
     install_panic_hook();
     if args.log_content {
         tracing::warn!(
@@ -268,12 +275,12 @@ async fn init_with_routes(
     }
     let metrics_addr = match &args.metrics_addr {
         Some(addr) => {
-            let bound = crate::metrics::serve_metrics(addr).await.map_err(|source| {
-                TelemetryError::Metrics {
+            let bound = crate::metrics::serve_metrics(addr)
+                .await
+                .map_err(|source| TelemetryError::Metrics {
                     addr: addr.clone(),
                     source,
-                }
-            })?;
+                })?;
             tracing::info!(service, addr = %bound, "metrics at http://{bound}/metrics");
             Some(bound)
         }
@@ -419,8 +426,11 @@ impl SpanExporter for RoutingExporter {
     fn set_resource(&mut self, resource: &Resource) {
         let default_named = resource.get(&Key::from_static_str("service.name"));
         for (i, (name, e)) in self.exporters.iter_mut().enumerate() {
-            let mut b = Resource::builder_empty()
-                .with_attributes(resource.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())));
+            let mut b = Resource::builder_empty().with_attributes(
+                resource
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+            );
             // The process default keeps what OTEL_SERVICE_NAME said; the other services of
             // `medgemma up` are named for themselves.
             if i > 0 || default_named.is_none() {

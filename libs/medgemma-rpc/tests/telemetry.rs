@@ -78,11 +78,23 @@ async fn traceparent_and_baggage_cross_the_hop() {
     svc.oneshot(request).await.unwrap();
     let (ctx, md) = seen.lock().unwrap().take().unwrap();
     assert_eq!(ctx.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
-    assert_ne!(ctx.span_id(), "00f067aa0ba902b7", "this hop has its own span");
+    assert_ne!(
+        ctx.span_id(),
+        "00f067aa0ba902b7",
+        "this hop has its own span"
+    );
     let out = medgemma_rpc::trace::extract(&md).expect("a traceparent goes out");
     assert_eq!(out.trace_id(), ctx.trace_id());
-    assert_eq!(out.span_id(), ctx.span_id(), "the outgoing parent is this hop's span");
-    let baggage = md.get("baggage").expect("baggage goes out").to_str().unwrap();
+    assert_eq!(
+        out.span_id(),
+        ctx.span_id(),
+        "the outgoing parent is this hop's span"
+    );
+    let baggage = md
+        .get("baggage")
+        .expect("baggage goes out")
+        .to_str()
+        .unwrap();
     let mut items: Vec<&str> = baggage.split(',').map(str::trim).collect();
     items.sort_unstable();
     assert_eq!(items, ["region=tw", "tenant=ward-7"]);

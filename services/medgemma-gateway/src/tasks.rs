@@ -275,7 +275,11 @@ impl Tasks {
             }
         });
         ctx.bounded("encoding the prompt", fut)
-            .instrument(tracing::info_span!("encode", otel.kind = "client", medgemma.image_count = image_count))
+            .instrument(tracing::info_span!(
+                "encode",
+                otel.kind = "client",
+                medgemma.image_count = image_count
+            ))
             .await
     }
 
@@ -629,7 +633,11 @@ impl Tasks {
         });
         let embedded = ctx
             .bounded("encoding the image", embed)
-            .instrument(tracing::info_span!("vision.embed", otel.kind = "client", medgemma.image_count = 1))
+            .instrument(tracing::info_span!(
+                "vision.embed",
+                otel.kind = "client",
+                medgemma.image_count = 1
+            ))
             .await
             .map_err(blame_image)?;
         let vision_ms = t_vision.elapsed().as_secs_f64() * 1e3;

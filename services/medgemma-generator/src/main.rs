@@ -21,12 +21,9 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let telemetry = medgemma_rpc::telemetry::init(
-        medgemma_rpc::telemetry::GENERATOR,
-        "info",
-        &cli.common,
-    )
-    .await?;
+    let telemetry =
+        medgemma_rpc::telemetry::init(medgemma_rpc::telemetry::GENERATOR, "info", &cli.common)
+            .await?;
     if let Some(addr) = telemetry.metrics_addr {
         println!("generator metrics listening on {addr}");
     }

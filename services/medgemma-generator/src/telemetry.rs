@@ -46,12 +46,14 @@ pub(crate) fn engine_gauges(stats: &WorkerStats, before: &EngineStats, now: &Eng
         _ => 0.0,
     };
     m.kv_usage.with_label_values(&l).set(usage);
-    m.prefix_queries
-        .with_label_values(&l)
-        .inc_by(now.prefix_query_tokens.saturating_sub(before.prefix_query_tokens));
-    m.prefix_hits
-        .with_label_values(&l)
-        .inc_by(now.prefix_hit_tokens.saturating_sub(before.prefix_hit_tokens));
+    m.prefix_queries.with_label_values(&l).inc_by(
+        now.prefix_query_tokens
+            .saturating_sub(before.prefix_query_tokens),
+    );
+    m.prefix_hits.with_label_values(&l).inc_by(
+        now.prefix_hit_tokens
+            .saturating_sub(before.prefix_hit_tokens),
+    );
 }
 
 /// A token of a sequence that arrived at `enqueued`: TTFT for the first, ITL for the others.
@@ -130,7 +132,10 @@ pub(crate) fn finished(
         prefill_start,
         decode_start,
         vec![
-            KeyValue::new("gen_ai.usage.input_tokens", out.prompt_token_ids.len() as i64),
+            KeyValue::new(
+                "gen_ai.usage.input_tokens",
+                out.prompt_token_ids.len() as i64,
+            ),
             KeyValue::new("medgemma.batch_size.max", max_batch as i64),
         ],
     );
@@ -146,7 +151,10 @@ pub(crate) fn finished(
             KeyValue::new("medgemma.batch_size.max", max_batch as i64),
         ],
     );
-    span.record("gen_ai.usage.input_tokens", out.prompt_token_ids.len() as i64);
+    span.record(
+        "gen_ai.usage.input_tokens",
+        out.prompt_token_ids.len() as i64,
+    );
     span.record("gen_ai.usage.output_tokens", out.token_ids.len() as i64);
     span.record("medgemma.batch_size", max_batch as i64);
     span.set_attribute(

@@ -167,12 +167,7 @@ fn start(bin: &'static str, service: &str, otlp: SocketAddr, args: &[&str]) -> P
     );
     let mut child = Command::new(&path)
         .args(args)
-        .args([
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
+        .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
         .env("OTEL_SERVICE_NAME", service)
         .env("OTEL_BSP_SCHEDULE_DELAY", "200")
@@ -290,7 +285,9 @@ fn traced<T>(msg: T, trace_id: &str) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.metadata_mut().insert(
         "traceparent",
-        format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap(),
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
     );
     r.metadata_mut()
         .insert("baggage", "tenant=obs-test".parse().unwrap());
@@ -508,7 +505,10 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
         errors
     });
     for e in &errors {
-        assert!(!e.contains(CANARY), "an error message carries patient data: {e}");
+        assert!(
+            !e.contains(CANARY),
+            "an error message carries patient data: {e}"
+        );
     }
 
     // Metrics, before the processes stop.
@@ -517,7 +517,10 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
         .map(|p| (p.name, scrape(p.metrics)))
         .collect();
     for (name, text) in &texts {
-        assert!(!text.contains(CANARY), "{name}'s metrics carry patient data");
+        assert!(
+            !text.contains(CANARY),
+            "{name}'s metrics carry patient data"
+        );
         assert!(
             sample(text, "medgemma:process_resident_memory_bytes", &[]).unwrap() > 1e6,
             "{name}: RSS"
@@ -525,7 +528,9 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
     }
     let all: String = texts.iter().map(|(_, t)| t.as_str()).collect();
     for family in medgemma_rpc::metrics::DOCUMENTED {
-        let found = all.lines().any(|l| l.starts_with(family) && !l.starts_with('#'));
+        let found = all
+            .lines()
+            .any(|l| l.starts_with(family) && !l.starts_with('#'));
         let found = found
             || all
                 .lines()
@@ -547,7 +552,10 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
         sample(
             gw,
             "medgemma:requests_total",
-            &[("method", "DraftRadiologyReport"), ("code", "INVALID_ARGUMENT")]
+            &[
+                ("method", "DraftRadiologyReport"),
+                ("code", "INVALID_ARGUMENT")
+            ]
         ),
         Some(1.0)
     );
@@ -561,22 +569,42 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
         "medgemma:requests_total",
         &[("task", "summarize"), ("code", "OK")],
     );
-    assert_eq!(by_task, Some(1.0), "the generator counts by the gateway's task");
+    assert_eq!(
+        by_task,
+        Some(1.0),
+        "the generator counts by the gateway's task"
+    );
     assert!(sample(gen_text, "medgemma:generation_tokens_total", &[]).unwrap() >= 4.0);
     assert!(sample(gen_text, "medgemma:prompt_tokens_total", &[]).unwrap() > 20.0);
     let vis = &texts[1].1;
-    assert!(sample(vis, "medgemma:vision_images_total", &[("outcome", "encoded")]).unwrap() >= 1.0);
+    assert!(
+        sample(
+            vis,
+            "medgemma:vision_images_total",
+            &[("outcome", "encoded")]
+        )
+        .unwrap()
+            >= 1.0
+    );
 
     // SIGTERM flushes each exporter; then every span is in.
     for p in [&mut gateway, &mut generator, &mut vision, &mut tokenizer] {
         p.terminate();
     }
     let spans = receiver.spans();
-    let id = |h: &str| (0..16).map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap()).collect::<Vec<u8>>();
+    let id = |h: &str| {
+        (0..16)
+            .map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap())
+            .collect::<Vec<u8>>()
+    };
     check_trace(
         &spans,
         &id(summary_trace),
-        &["medgemma-gateway", "medgemma-tokenizer", "medgemma-generator"],
+        &[
+            "medgemma-gateway",
+            "medgemma-tokenizer",
+            "medgemma-generator",
+        ],
     );
     check_trace(
         &spans,
@@ -604,7 +632,10 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
         "decode",
         "constraint.compile",
     ] {
-        assert!(names.contains(want), "no {want} span in the report's trace: {names:?}");
+        assert!(
+            names.contains(want),
+            "no {want} span in the report's trace: {names:?}"
+        );
     }
     let chat = spans
         .iter()
@@ -626,14 +657,30 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
         .iter()
         .find(|s| s.trace_id == id(summary_trace) && s.name == "decode")
         .expect("a decode span");
-    assert!(decode.attributes["medgemma.decode.steps"].parse::<u32>().unwrap() >= 1);
+    assert!(
+        decode.attributes["medgemma.decode.steps"]
+            .parse::<u32>()
+            .unwrap()
+            >= 1
+    );
 
     // The canary: in no span, event or attribute, in no log line of any service.
-    assert!(!receiver.dump().contains(CANARY), "an exported span carries patient data");
+    assert!(
+        !receiver.dump().contains(CANARY),
+        "an exported span carries patient data"
+    );
     for p in [&tokenizer, &vision, &generator, &gateway] {
         let logs = p.stderr.lock().unwrap();
-        assert!(logs.lines().count() > 10, "{} logged little at TRACE", p.name);
-        assert!(logs.contains("\"trace_id\""), "{}'s JSON logs carry trace ids", p.name);
+        assert!(
+            logs.lines().count() > 10,
+            "{} logged little at TRACE",
+            p.name
+        );
+        assert!(
+            logs.contains("\"trace_id\""),
+            "{}'s JSON logs carry trace ids",
+            p.name
+        );
         assert!(!logs.contains(CANARY), "{} logged patient data", p.name);
     }
 }

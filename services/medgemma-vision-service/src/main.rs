@@ -21,12 +21,8 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let telemetry = medgemma_rpc::telemetry::init(
-        medgemma_rpc::telemetry::VISION,
-        "info",
-        &cli.common,
-    )
-    .await?;
+    let telemetry =
+        medgemma_rpc::telemetry::init(medgemma_rpc::telemetry::VISION, "info", &cli.common).await?;
     if let Some(addr) = telemetry.metrics_addr {
         println!("vision metrics listening on {addr}");
     }
