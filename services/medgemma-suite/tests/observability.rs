@@ -150,21 +150,27 @@ impl Proc {
     }
 }
 
-fn bin_dir() -> PathBuf {
-    // target/debug/deps/<this test> -> target/debug
+/// Where `cargo build` put the binaries: `$CARGO_TARGET_DIR/debug` (scripts/test.sh sets it;
+/// a separate Cargo `build-dir` keeps this test's own executable elsewhere), else beside this
+/// test (target/debug/deps/<test> -> target/debug).
+fn bin_path(bin: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    let beside = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let from_env = std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("debug"));
+    from_env
+        .into_iter()
+        .chain([beside])
+        .map(|d| d.join(bin))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("{bin} is missing: build the service binaries first (cargo build --bins)")
+        })
 }
 
 /// Starts `bin` with `args`, its own OTEL_SERVICE_NAME, export to `otlp`, JSON logs at TRACE,
 /// metrics on a free port; waits for its `listening on` lines.
 fn start(bin: &'static str, service: &str, otlp: SocketAddr, args: &[&str]) -> Proc {
-    let path = bin_dir().join(bin);
-    assert!(
-        path.exists(),
-        "{} is missing: build the service binaries first (cargo build --bins)",
-        path.display()
-    );
+    let path = bin_path(bin);
     let mut child = Command::new(&path)
         .args(args)
         .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
