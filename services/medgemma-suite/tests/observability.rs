@@ -244,8 +244,14 @@ fn scrape(addr: SocketAddr) -> String {
 /// The value of `name`'s sample with these labels (all samples of the family summed when
 /// `labels` is empty), from text parsed by `prometheus-parse`.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
-        .expect("Prometheus text parses");
+    // prometheus-parse matches names with `\w+`, which lacks the `:` the exposition format (and
+    // vLLM's names) allow: spell the prefix `medgemma__` for it.
+    let scrape = prometheus_parse::Scrape::parse(
+        text.lines()
+            .map(|l| Ok(l.replace("medgemma:", "medgemma__"))),
+    )
+    .expect("Prometheus text parses");
+    let name = name.replace("medgemma:", "medgemma__");
     let mut found = None;
     for s in scrape.samples.iter().filter(|s| s.metric == name) {
         if labels
