@@ -651,7 +651,7 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
     }
     let chat = spans
         .iter()
-        .find(|s| s.trace_id == id(summary_trace) && s.name.starts_with("chat "))
+        .find(|s| s.trace_id == id(summary_trace) && s.name.starts_with("chat"))
         .expect("a GenAI chat span");
     for key in [
         "gen_ai.operation.name",
