@@ -10,7 +10,7 @@ use crate::error::GatewayError;
 
 /// The span of one generator call on `pool`.
 pub(crate) fn chat_span(pool: &'static str, req: &gen_pb::GenerateRequest) -> tracing::Span {
-    let sampling = req.sampling.clone().unwrap_or_default();
+    let sampling = req.sampling.unwrap_or_default();
     let span = tracing::info_span!(
         "chat",
         otel.name = tracing::field::Empty,
