@@ -33,7 +33,12 @@ PY
   rm -rf "$tmp"
 fi
 bash scripts/check-deploy.sh  # deploy/: hadolint, Helm renders, schemas, checkov, chart tests
+bash scripts/check-observability.sh  # deploy/observability: promtool rules + unit tests, dashboard names (~5 s + apt once)
 cargo clippy --workspace --all-targets -- -D warnings
+# The observability test (services/medgemma-suite/tests/observability.rs) runs these four as
+# separate processes from the target directory.
+cargo build -p medgemma-gateway -p medgemma-generator -p medgemma-tokenizer-service \
+  -p medgemma-vision-service --bins
 cargo test --workspace
 # The vision tower again without our SIMD kernels (no fused attention, portable softmax/GELU):
 # the path CPUs without AVX-512 take, pinned to the same transformers goldens.

@@ -1,21 +1,27 @@
-//! The tower layer every medgemma RPC passes through: one tracing span per call (method and
-//! trace id only), the trace context and deadline recorded in the request's extensions, and
-//! DEADLINE_EXCEEDED when the deadline passes before the response starts.
+//! The tower layer every medgemma RPC passes through: one tracing span per call (method, task
+//! and trace ids; never request content) whose OpenTelemetry parent is the caller's W3C
+//! `traceparent` (and `baggage`), the trace context and deadline recorded in the request's
+//! extensions, DEADLINE_EXCEEDED when the deadline passes before the response starts, and the
+//! request counter and end-to-end latency once the response's last byte (its gRPC status) is
+//! sent.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant as StdInstant;
 
+use http_body::Body as _;
+use opentelemetry::propagation::TextMapPropagator as _;
 use tokio::time::Instant;
 use tonic::Status;
 use tonic::body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::deadline::{self, Deadline};
-use crate::trace::{self, TraceContext};
+use crate::trace::{self, HeaderExtractor, TraceContext};
 
 /// Wraps a gRPC router; see the module docs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -37,12 +43,214 @@ pub struct RpcService<S> {
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
-fn grpc_status(response: &http::Response<Body>) -> &str {
-    response
-        .headers()
+/// The metadata key a caller names its clinical task in (`ask`, `summarize`, `mcq`, `report`,
+/// `deidentify`); the gateway sets it on every downstream call, so backends count by task.
+pub const TASK_HEADER: &str = "medgemma-task";
+
+/// The task names a request may carry; anything else counts as `none` (labels stay a closed
+/// set whatever a caller sends).
+pub const TASKS: &[&str] = &["ask", "summarize", "mcq", "report", "deidentify"];
+
+/// The clinical task a call serves (one of [`TASKS`], or `none`), in the request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Task(pub &'static str);
+
+/// The task [`RpcLayer`] recorded for `request` (`none` outside the layer).
+pub fn task<T>(request: &tonic::Request<T>) -> &'static str {
+    request.extensions().get::<Task>().map_or("none", |t| t.0)
+}
+
+/// The task of a gateway method, or of the caller's [`TASK_HEADER`].
+fn task_of(method: &str, header: Option<&str>) -> &'static str {
+    let from_method = match method.trim_end_matches("Stream") {
+        "Ask" => Some("ask"),
+        "SummarizeClinicalNote" => Some("summarize"),
+        "AnswerMultipleChoice" => Some("mcq"),
+        "DraftRadiologyReport" => Some("report"),
+        "Deidentify" => Some("deidentify"),
+        _ => None,
+    };
+    from_method
+        .or_else(|| header.and_then(|h| TASKS.iter().copied().find(|t| *t == h)))
+        .unwrap_or("none")
+}
+
+/// Our service name for a gRPC service path (`/medgemma.generation.v1.Generator/...`).
+fn service_of(grpc_service: &str) -> &'static str {
+    match grpc_service.split('.').nth(1) {
+        _ if !grpc_service.starts_with("medgemma.") => match grpc_service {
+            "grpc.health.v1.Health" => "health",
+            s if s.starts_with("grpc.reflection.") => "reflection",
+            _ => "unknown",
+        },
+        Some("gateway") => crate::telemetry::GATEWAY,
+        Some("tokenizer") => crate::telemetry::TOKENIZER,
+        Some("vision") => crate::telemetry::VISION,
+        Some("generation") => crate::telemetry::GENERATOR,
+        _ => "unknown",
+    }
+}
+
+/// The canonical name of a gRPC status code (a closed set, for the `code` label).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn header_code(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("0 or in trailers")
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+}
+
+/// What is recorded once a call ends.
+struct CallRecord {
+    service: &'static str,
+    method: String,
+    task: &'static str,
+    started: StdInstant,
+    span: tracing::Span,
+}
+
+impl CallRecord {
+    fn finish(self, code: tonic::Code) {
+        let m = crate::metrics::metrics();
+        // An unknown method answers UNIMPLEMENTED: its name would be an open label.
+        let method = if code == tonic::Code::Unimplemented || self.service == "unknown" {
+            "unknown"
+        } else {
+            self.method.as_str()
+        };
+        let name = code_name(code);
+        m.requests
+            .with_label_values(&[self.service, method, self.task, name])
+            .inc();
+        m.e2e_latency
+            .with_label_values(&[self.service, method, self.task])
+            .observe(self.started.elapsed().as_secs_f64());
+        self.span.record("rpc.grpc.status_code", code as i32);
+        if code != tonic::Code::Ok {
+            self.span
+                .set_status(opentelemetry::trace::Status::error(name));
+        }
+    }
+}
+
+/// The response body, watched for its end: the gRPC status (in the trailers, or in the headers
+/// of a trailers-only answer) is recorded when the last frame passes, or CANCELLED when the
+/// caller drops the stream first.
+struct ObservedBody {
+    inner: Body,
+    header_code: Option<tonic::Code>,
+    record: Option<CallRecord>,
+}
+
+impl ObservedBody {
+    fn end(&mut self, code: tonic::Code) {
+        if let Some(r) = self.record.take() {
+            r.finish(code);
+        }
+    }
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = <Body as http_body::Body>::Data;
+    type Error = <Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(header_code) {
+                    self.end(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.end(tonic::Code::Internal),
+            Poll::Ready(None) => {
+                let code = self.header_code.unwrap_or(tonic::Code::Unknown);
+                self.end(code);
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        // Dropped before its end: the caller went away (or the connection did).
+        let code = if self.inner.is_end_stream() {
+            self.header_code.unwrap_or(tonic::Code::Unknown)
+        } else {
+            tonic::Code::Cancelled
+        };
+        self.end(code);
+    }
+}
+
+/// The per-call span: INFO for our services (exported), DEBUG for health and reflection.
+fn call_span(
+    path: &str,
+    grpc_service: &str,
+    method: &str,
+    service: &str,
+    task: &str,
+) -> tracing::Span {
+    let name = path.trim_start_matches('/');
+    macro_rules! rpc_span {
+        ($level:expr) => {
+            tracing::span!(
+                $level,
+                "rpc",
+                otel.name = %name,
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = %grpc_service,
+                rpc.method = %method,
+                medgemma.service = service,
+                medgemma.task = task,
+                rpc.grpc.status_code = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+            )
+        };
+    }
+    if service.starts_with("medgemma") {
+        rpc_span!(tracing::Level::INFO)
+    } else {
+        rpc_span!(tracing::Level::DEBUG)
+    }
 }
 
 impl<S, B> Service<http::Request<B>> for RpcService<S>
@@ -63,24 +271,47 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let arrived = Instant::now();
         let started = StdInstant::now();
-        let parent = request
-            .headers()
-            .get(trace::TRACEPARENT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(TraceContext::parse);
-        let ctx = parent.map_or_else(TraceContext::new_root, |p| p.child());
+        // The path names the service and method; nothing from the body or other headers.
+        let path = request.uri().path().to_owned();
+        let (grpc_service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or(("", ""));
+        let service = service_of(grpc_service);
+        let task = task_of(
+            method,
+            request
+                .headers()
+                .get(TASK_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        );
+        let span = call_span(&path, grpc_service, method, service, task);
+        let parent_cx = trace::propagator().extract(&HeaderExtractor(request.headers()));
+        // Without the OpenTelemetry layer (tests) this does nothing; the fallback below holds.
+        let _ = span.set_parent(parent_cx);
+        let ctx = trace::from_otel(&span.context()).unwrap_or_else(|| {
+            request
+                .headers()
+                .get(trace::TRACEPARENT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(TraceContext::parse)
+                .map_or_else(TraceContext::new_root, |p| p.child())
+        });
+        span.record("trace_id", tracing::field::display(ctx.trace_id()));
+        span.record("span_id", tracing::field::display(ctx.span_id()));
         let deadline = deadline::from_headers(request.headers(), arrived);
         request.extensions_mut().insert(ctx);
+        request.extensions_mut().insert(Task(task));
         if let Some(d) = deadline {
             request.extensions_mut().insert(d);
         }
-        // The path names the service and method; nothing from the body or other headers.
-        let span = tracing::info_span!(
-            "rpc",
-            rpc.method = %request.uri().path(),
-            trace_id = %ctx.trace_id(),
-            span_id = %ctx.span_id(),
-        );
+        let record = CallRecord {
+            service,
+            method: method.to_owned(),
+            task,
+            started,
+            span: span.clone(),
+        };
         // The clone is ready only if `self.inner` was; swap so the ready one serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -96,12 +327,19 @@ where
                     }
                 },
             };
+            let header_code = header_code(response.headers());
             tracing::debug!(
-                grpc.status = grpc_status(&response),
+                grpc.status = header_code.map_or("in trailers", code_name),
                 elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
                 "rpc response started"
             );
-            Ok(response)
+            Ok(response.map(|inner| {
+                Body::new(ObservedBody {
+                    inner,
+                    header_code,
+                    record: Some(record),
+                })
+            }))
         };
         Box::pin(fut.instrument(span))
     }
@@ -148,8 +386,45 @@ mod tests {
             .header("grpc-timeout", "5S")
             .body(())
             .unwrap();
+        // The body's end records the call (no status at all: UNKNOWN).
+        let before = crate::metrics::metrics()
+            .requests
+            .with_label_values(&["unknown", "unknown", "none", "UNKNOWN"])
+            .get();
         let response = svc.oneshot(request).await.unwrap();
         assert_eq!(response.headers()["x-seen"], "true,true");
+        http_body_util_collect(response.into_body()).await;
+        let after = crate::metrics::metrics()
+            .requests
+            .with_label_values(&["unknown", "unknown", "none", "UNKNOWN"])
+            .get();
+        assert_eq!(after, before + 1);
+    }
+
+    async fn http_body_util_collect(mut body: Body) {
+        use http_body::Body as _;
+        while let Some(frame) =
+            std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+        {
+            let _ = frame;
+        }
+    }
+
+    #[test]
+    fn tasks_and_services_are_closed_sets() {
+        assert_eq!(task_of("SummarizeClinicalNoteStream", None), "summarize");
+        assert_eq!(task_of("GenerateStream", Some("mcq")), "mcq");
+        assert_eq!(task_of("GenerateStream", Some("free text")), "none");
+        assert_eq!(
+            service_of("medgemma.generation.v1.Generator"),
+            "medgemma-generator"
+        );
+        assert_eq!(
+            service_of("medgemma.tokenizer.v1.Tokenizer"),
+            "medgemma-tokenizer"
+        );
+        assert_eq!(service_of("evil.Service"), "unknown");
+        assert_eq!(service_of("grpc.health.v1.Health"), "health");
     }
 
     #[tokio::test]

@@ -17,14 +17,19 @@
 //! - [`worker`]: the model on its own thread behind a bounded queue, every unit of work under
 //!   a panic guard, and the health watchdog (NOT_SERVING when the thread died or is wedged,
 //!   exit after a grace period).
-//! - [`init_logging`]: the one log set-up of every binary (stderr, `MEDGEMMA_LOG`).
+//! - [`telemetry`]: the one telemetry set-up of every service binary ([`CommonArgs`]: logs as
+//!   JSON lines or human-readable, OTLP trace export from the standard `OTEL_*` variables, the
+//!   panic hook, `--metrics-addr`); [`init_logging`] for the CLI's one-shot commands.
+//! - [`metrics`]: the Prometheus metrics (vLLM-style names) and their text endpoint.
 
 pub mod client;
 pub mod deadline;
 mod error;
 mod layer;
+pub mod metrics;
 mod server;
 mod status;
+pub mod telemetry;
 pub mod trace;
 pub mod worker;
 
@@ -42,6 +47,7 @@ pub fn init_logging(default_level: &str) {
         )
         .init();
 }
+
 /// Sets `RAYON_NUM_THREADS` to the available parallelism unless it is set: candle asks for the
 /// thread count on every parallel CPU op and, without it, re-reads /proc/cpuinfo each time
 /// (~5% of a decode step). Every binary that holds a model calls it first thing in `main`,
@@ -67,12 +73,13 @@ pub fn run_pinned<T>(main: impl std::future::Future<Output = T>) -> std::io::Res
         .block_on(main))
 }
 
-pub use layer::{RpcLayer, RpcService};
+pub use layer::{RpcLayer, RpcService, TASK_HEADER, TASKS, Task, code_name, task};
 pub use server::{Health, RpcServer, Running, ServeOptions, shutdown_signal};
 pub use status::{
     FieldViolation, bad_request, bad_request_violations, field_violations, is_overloaded,
     overloaded,
 };
+pub use telemetry::{CommonArgs, LogFormat, Telemetry};
 
 /// The largest gRPC message a medgemma server or client sends or accepts (64 MiB): one image's
 /// embeddings for the 4B model are 1.3 MB in bf16, tonic's default limit is 4 MB.

@@ -1,17 +1,76 @@
-//! W3C trace context (`traceparent`) carried in gRPC metadata across every hop.
+//! W3C trace context (`traceparent`) and `baggage` carried in gRPC metadata across every hop.
 //!
 //! [`RpcLayer`](crate::RpcLayer) extracts the caller's context (or starts a new trace), makes
 //! this hop's span id, and stores the result in the request's extensions; a handler reads it
 //! with [`current`] and passes it on with [`propagate`] (or [`inject`]) on every outgoing call.
-//! Only ids travel: no baggage, nothing from the request.
+//! With telemetry initialised ([`crate::telemetry`]) the ids are the OpenTelemetry span's and
+//! [`inject`] writes the context of the current tracing span (the innermost, e.g. the gateway's
+//! `encode` span), baggage included; without it, only the ids in [`TraceContext`] travel.
+//! Nothing from the request body ever does.
 
 use std::fmt;
 
+use opentelemetry::propagation::{
+    Extractor, Injector, TextMapCompositePropagator, TextMapPropagator,
+};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use tonic::Request;
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The W3C header name, as gRPC metadata keys are: lower case.
 pub const TRACEPARENT: &str = "traceparent";
+/// The W3C baggage header.
+pub const BAGGAGE: &str = "baggage";
+
+/// W3C trace context and baggage, the two propagators every hop speaks.
+pub(crate) fn propagator() -> &'static TextMapCompositePropagator {
+    static P: std::sync::LazyLock<TextMapCompositePropagator> = std::sync::LazyLock::new(|| {
+        TextMapCompositePropagator::new(vec![
+            Box::new(TraceContextPropagator::new()),
+            Box::new(BaggagePropagator::new()),
+        ])
+    });
+    &P
+}
+
+/// Reads propagation headers from an HTTP request (the server side).
+pub(crate) struct HeaderExtractor<'a>(pub &'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            MetadataKey::from_bytes(key.as_bytes()),
+            MetadataValue::try_from(value),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// This hop's ids from an OpenTelemetry context, when it holds a valid span.
+pub(crate) fn from_otel(cx: &opentelemetry::Context) -> Option<TraceContext> {
+    let span = cx.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| TraceContext {
+        trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+        span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+        sampled: sc.is_sampled(),
+    })
+}
 
 /// One hop of a trace: the trace id, this span's id, and the sampled flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,8 +192,15 @@ pub fn extract(metadata: &MetadataMap) -> Option<TraceContext> {
         .and_then(TraceContext::parse)
 }
 
-/// Writes `ctx` as the `traceparent` of an outgoing call.
+/// Writes the trace context of an outgoing call: the current tracing span's OpenTelemetry
+/// context (`traceparent` naming it as the parent, and the `baggage` it carries) when it is
+/// part of `ctx`'s trace, else `ctx` itself as the `traceparent`.
 pub fn inject(ctx: &TraceContext, metadata: &mut MetadataMap) {
+    let cx = tracing::Span::current().context();
+    if from_otel(&cx).is_some_and(|c| c.trace_id == ctx.trace_id) {
+        propagator().inject_context(&cx, &mut MetadataInjector(metadata));
+        return;
+    }
     // Always ASCII hex and dashes, so the conversion cannot fail.
     if let Ok(value) = MetadataValue::try_from(ctx.to_traceparent()) {
         metadata.insert(TRACEPARENT, value);

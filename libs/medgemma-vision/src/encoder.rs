@@ -344,6 +344,8 @@ impl VisionEncoder {
     ) -> Result<Vec<Result<Tensor>>> {
         let mut out: Vec<Result<Tensor>> = Vec::with_capacity(images.len());
         let mut decoded = Vec::with_capacity(images.len());
+        let decoding = tracing::info_span!("image_decode", medgemma.image_count = images.len());
+        let decoding = decoding.enter();
         for (bytes, opts) in images {
             match self.pixel_values(bytes, opts) {
                 Ok(pv) => {
@@ -354,10 +356,12 @@ impl VisionEncoder {
                 Err(e) => out.push(Err(e)),
             }
         }
+        drop(decoding);
         if decoded.is_empty() {
             return Ok(out);
         }
-        let embeddings = self.encode_pixels(&Tensor::stack(&decoded, 0)?)?;
+        let embeddings = tracing::info_span!("tower_forward", medgemma.image_count = decoded.len())
+            .in_scope(|| self.encode_pixels(&Tensor::stack(&decoded, 0)?))?;
         for (row, slot) in out.iter_mut().filter(|r| r.is_ok()).enumerate() {
             *slot = Ok(embeddings.get(row)?);
         }

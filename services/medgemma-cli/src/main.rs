@@ -86,8 +86,11 @@ struct FetchDemoArgs {
 
 fn main() {
     medgemma_rpc::pin_thread_count();
-    medgemma_rpc::init_logging("warn");
     let cli = Cli::parse();
+    // `up` starts its own telemetry (JSON logs, traces, metrics) inside its runtime.
+    if !matches!(cli.command, Command::Up(_)) {
+        medgemma_rpc::init_logging("warn");
+    }
     let res = match cli.command {
         Command::FetchDemo(a) => fetch_demo(a),
         Command::Generate(a) => generate::run(*a),

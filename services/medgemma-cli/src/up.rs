@@ -64,6 +64,9 @@ pub struct UpArgs {
     /// Sequences each generator runs at once (continuous batching).
     #[arg(long, env = "MEDGEMMA_MAX_RUNNING", default_value_t = 64)]
     pub max_running: usize,
+    /// Metrics (one endpoint for the four services), log format, content logging.
+    #[command(flatten)]
+    pub common: medgemma_rpc::CommonArgs,
 }
 
 fn say_listening(name: &str, addr: SocketAddr, note: &str) {
@@ -91,6 +94,11 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
 
 async fn up(a: UpArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
+    // Each in-process service exports its spans under its own service.name.
+    let telemetry = medgemma_rpc::telemetry::init_suite("medgemma-up", "warn", &a.common).await?;
+    if let Some(addr) = telemetry.metrics_addr {
+        println!("metrics listening on {addr}");
+    }
     eprintln!(
         "loading the demo model (gemma-3-270m), the Gemma 3 tokenizer and the demo vision tower..."
     );
@@ -145,6 +153,7 @@ async fn up(a: UpArgs) -> anyhow::Result<bool> {
     for e in suite.stop(STOP_BOUND).await {
         eprintln!("shutdown: {e}");
     }
+    telemetry.shutdown();
     Ok(ok)
 }
 

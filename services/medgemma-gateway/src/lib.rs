@@ -23,6 +23,7 @@ pub mod prompt;
 pub mod service;
 pub mod structured;
 pub mod tasks;
+mod telemetry;
 pub mod validate;
 
 use std::future::Future;

@@ -53,6 +53,7 @@ impl ClinicalTasksService {
         CallCtx {
             deadline: Deadline::of(req, self.default_timeout),
             trace: medgemma_rpc::trace::current(req),
+            task: medgemma_rpc::task(req),
         }
     }
 }

@@ -16,6 +16,7 @@ use medgemma_rpc::trace::TraceContext;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Code, Request};
+use tracing::Instrument;
 
 use crate::deadline::Deadline;
 use crate::error::GatewayError;
@@ -32,6 +33,8 @@ pub type Deltas = mpsc::Sender<String>;
 pub struct CallCtx {
     pub deadline: Deadline,
     pub trace: TraceContext,
+    /// The clinical task (a closed set), sent on as `medgemma-task` so backends count by task.
+    pub task: &'static str,
 }
 
 impl CallCtx {
@@ -39,6 +42,10 @@ impl CallCtx {
     fn request<T>(&self, msg: T) -> Request<T> {
         let mut req = Request::new(msg);
         medgemma_rpc::trace::inject(&self.trace, req.metadata_mut());
+        req.metadata_mut().insert(
+            medgemma_rpc::TASK_HEADER,
+            tonic::metadata::MetadataValue::from_static(self.task),
+        );
         self.deadline.apply(&mut req);
         req
     }
@@ -253,6 +260,11 @@ impl Tasks {
         tokens_per_image: Option<u32>,
         continuations: Vec<String>,
     ) -> Result<tok_pb::EncodeChatResponse, GatewayError> {
+        let image_count = messages
+            .iter()
+            .flat_map(|m| &m.parts)
+            .filter(|p| matches!(p.kind, Some(tok_pb::content_part::Kind::Image(_))))
+            .count();
         let fut = self.tokenizer.call(|ch| {
             let req = ctx.request(tok_pb::EncodeChatRequest {
                 messages: messages.clone(),
@@ -266,7 +278,13 @@ impl Tasks {
                 c.encode_chat(req).await.map(|r| r.into_inner())
             }
         });
-        ctx.bounded("encoding the prompt", fut).await
+        ctx.bounded("encoding the prompt", fut)
+            .instrument(tracing::info_span!(
+                "encode",
+                otel.kind = "client",
+                medgemma.image_count = image_count
+            ))
+            .await
     }
 
     /// A text-only prompt encoded (one tokenizer call) and generated on the text pool with the
@@ -337,6 +355,29 @@ impl Tasks {
                 ),
             ));
         }
+        let span = crate::telemetry::chat_span(pool.name(), &req);
+        let r = self
+            .generate_inner(pool, ctx, req, deltas, content_field)
+            .instrument(span.clone())
+            .await;
+        crate::telemetry::chat_done(&span, &r);
+        if medgemma_rpc::telemetry::log_content()
+            && let Ok(r) = &r
+        {
+            // Patient data: only with --log-content, which warned at start-up.
+            tracing::debug!(parent: &span, answer = %r.text, "generated (--log-content)");
+        }
+        r
+    }
+
+    async fn generate_inner(
+        &self,
+        pool: &Pool,
+        ctx: &CallCtx,
+        req: gen_pb::GenerateRequest,
+        deltas: Option<&Deltas>,
+        content_field: &'static str,
+    ) -> Result<gen_pb::GenerateResponse, GatewayError> {
         let caller_gone = async {
             match deltas {
                 Some(tx) => tx.closed().await,
@@ -598,6 +639,11 @@ impl Tasks {
         });
         let embedded = ctx
             .bounded("encoding the image", embed)
+            .instrument(tracing::info_span!(
+                "vision.embed",
+                otel.kind = "client",
+                medgemma.image_count = 1
+            ))
             .await
             .map_err(blame_image)?;
         let vision_ms = t_vision.elapsed().as_secs_f64() * 1e3;

@@ -17,6 +17,7 @@
 mod config;
 mod error;
 mod service;
+mod telemetry;
 mod worker;
 
 use std::future::Future;

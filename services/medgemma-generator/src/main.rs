@@ -13,6 +13,9 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(flatten)]
     args: medgemma_generator::GeneratorArgs,
+    /// Metrics, log format and content logging (tracing: the standard OTEL_* variables).
+    #[command(flatten)]
+    common: medgemma_rpc::CommonArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -20,13 +23,20 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    medgemma_rpc::init_logging("info");
     let cli = Cli::parse();
+    let telemetry =
+        medgemma_rpc::telemetry::init(medgemma_rpc::telemetry::GENERATOR, "info", &cli.common)
+            .await?;
+    if let Some(addr) = telemetry.metrics_addr {
+        println!("generator metrics listening on {addr}");
+    }
     let running = medgemma_generator::launch(cli.args, medgemma_rpc::shutdown_signal(), |addr| {
         tracing::info!(%addr, "bound; loading the model");
     })
     .await?;
     println!("generator listening on {}", running.local_addr);
-    running.server.await??;
+    let served = running.server.await;
+    telemetry.shutdown();
+    served??;
     Ok(())
 }

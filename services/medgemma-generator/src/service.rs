@@ -109,7 +109,10 @@ impl GeneratorService {
                 .map(|m| u32::try_from(m.mm_tokens_per_image).unwrap_or(u32::MAX)),
             eos_token_ids: medgemma_engine::generate::stop_ids(&model, &tokenizer),
         };
-        let stats = Arc::new(WorkerStats::default());
+        let stats = Arc::new(WorkerStats {
+            labels: crate::telemetry::engine_labels(&self.inner.config.model_id),
+            ..WorkerStats::default()
+        });
         let cfg = &self.inner.config;
         // Never more than running + waiting jobs are in the system (`submit`'s admission).
         let capacity = cfg.scheduler.max_running + cfg.queue_capacity;
@@ -201,12 +204,18 @@ impl GeneratorService {
             want_logprobs,
         } = convert(request.into_inner(), &ready.info, &self.inner.config)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let span = crate::telemetry::generate_span(
+            &self.inner.config.model_id,
+            &request,
+            ready.info.tokens_per_image,
+        );
         let job = Job {
             request,
             events: tx,
             stream,
             deadline,
             enqueued: Instant::now(),
+            span,
         };
         // Room for `max_running` running sequences and `queue_capacity` waiting ones.
         let cfg = &self.inner.config;

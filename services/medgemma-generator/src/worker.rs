@@ -32,6 +32,8 @@ pub(crate) struct Job {
     pub stream: bool,
     pub deadline: Option<Instant>,
     pub enqueued: Instant,
+    /// The RPC's span: the parent of the queue, prefill and decode spans.
+    pub span: tracing::Span,
 }
 
 /// What the model thread reports for a job.
@@ -62,6 +64,8 @@ pub(crate) enum JobError {
 /// Load figures shared with the async side.
 #[derive(Debug, Default)]
 pub(crate) struct WorkerStats {
+    /// The metric labels of this engine: `[model_name, engine]`.
+    pub labels: [String; 2],
     /// Jobs submitted and not yet answered (in the channel, waiting or running).
     pub in_system: AtomicUsize,
     pub requests_served: AtomicU64,
@@ -82,6 +86,12 @@ struct Live {
     deadline: Option<Instant>,
     /// Time spent in the channel before admission.
     channel_wait: Duration,
+    span: tracing::Span,
+    enqueued: Instant,
+    /// When the last token came (inter-token latency), none before the first (TTFT).
+    last_token: Option<Instant>,
+    /// The largest batch a step of this sequence ran in.
+    max_batch: usize,
 }
 
 /// The model thread's queue, and the receiver that resolves once the one-token warm-up is done
@@ -161,7 +171,12 @@ impl Scheduler {
 
     /// The engine's figures for `Stats`, published before any caller hears of a step.
     fn publish(&self) {
-        *self.stats.engine.lock().unwrap_or_else(|p| p.into_inner()) = self.engine.stats();
+        let now = self.engine.stats();
+        let before = std::mem::replace(
+            &mut *self.stats.engine.lock().unwrap_or_else(|p| p.into_inner()),
+            now,
+        );
+        crate::telemetry::engine_gauges(&self.stats, &before, &now);
     }
 
     /// Answers a job and forgets it.
@@ -184,6 +199,7 @@ impl Scheduler {
             stream,
             deadline,
             enqueued,
+            span,
         } = job;
         if events.is_closed() {
             tracing::debug!("job cancelled while queued");
@@ -196,7 +212,14 @@ impl Scheduler {
             self.answer(&events, Err(JobError::DeadlineExceeded { queued: true }));
             return;
         }
-        match self.engine.admit(request) {
+        let constrained = request.constraint.is_some();
+        let admit_start = std::time::SystemTime::now();
+        let admitted = self.engine.admit(request);
+        if constrained {
+            // Admission compiles the JSON-schema / regex constraint (llguidance).
+            crate::telemetry::constraint_span(&span, admit_start, admitted.is_ok());
+        }
+        match admitted {
             Ok(id) => {
                 self.live.insert(
                     id,
@@ -205,6 +228,10 @@ impl Scheduler {
                         stream,
                         deadline,
                         channel_wait: enqueued.elapsed(),
+                        span,
+                        enqueued,
+                        last_token: None,
+                        max_batch: 0,
                     },
                 );
             }
@@ -265,6 +292,8 @@ impl Scheduler {
                 return;
             }
         };
+        let batch = self.engine.stats().last_batch;
+        let now = Instant::now();
         for ev in events {
             match ev {
                 StepEvent::Token {
@@ -272,9 +301,12 @@ impl Scheduler {
                     sampled,
                     text_delta,
                 } => {
-                    let Some(live) = self.live.get(&id) else {
+                    let Some(live) = self.live.get_mut(&id) else {
                         continue;
                     };
+                    crate::telemetry::token(&self.stats, live.enqueued, live.last_token, now);
+                    live.last_token = Some(now);
+                    live.max_batch = live.max_batch.max(batch);
                     if live.stream
                         && live
                             .events
@@ -291,6 +323,14 @@ impl Scheduler {
                 StepEvent::Finished { id, output } => {
                     if let Some(live) = self.live.remove(&id) {
                         let queue_time = live.channel_wait + output.queue_time;
+                        crate::telemetry::finished(
+                            &self.stats,
+                            &live.span,
+                            live.enqueued,
+                            queue_time,
+                            live.max_batch.max(batch),
+                            &output,
+                        );
                         self.answer(
                             &live.events,
                             Ok(Finished {

@@ -24,6 +24,7 @@ mod cache;
 mod config;
 mod error;
 mod service;
+mod telemetry;
 
 use std::future::Future;
 

@@ -13,6 +13,9 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(flatten)]
     args: medgemma_vision_service::VisionArgs,
+    /// Metrics, log format and content logging (tracing: the standard OTEL_* variables).
+    #[command(flatten)]
+    common: medgemma_rpc::CommonArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -20,12 +23,18 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    medgemma_rpc::init_logging("info");
     let cli = Cli::parse();
+    let telemetry =
+        medgemma_rpc::telemetry::init(medgemma_rpc::telemetry::VISION, "info", &cli.common).await?;
+    if let Some(addr) = telemetry.metrics_addr {
+        println!("vision metrics listening on {addr}");
+    }
     tracing::info!(config = ?cli.args, "starting vision service");
     let running =
         medgemma_vision_service::launch(cli.args, medgemma_rpc::shutdown_signal()).await?;
     println!("vision listening on {}", running.local_addr);
-    running.server.await??;
+    let served = running.server.await;
+    telemetry.shutdown();
+    served??;
     Ok(())
 }

@@ -114,6 +114,9 @@ struct Job {
     images: Vec<pb::Image>,
     keys: Vec<CacheKey>,
     deadline: Option<Instant>,
+    /// The RPC's span (the parent of the batch's spans) and when the job was queued.
+    span: tracing::Span,
+    enqueued: Instant,
     reply: oneshot::Sender<Result<Vec<Arc<Encoded>>, VisionServiceError>>,
 }
 
@@ -269,6 +272,7 @@ impl VisionService {
             gate: Gate::default(),
         });
         let ctx = WorkerContext {
+            model_id: settings.model_id.clone(),
             decode,
             dtype: settings.embedding_dtype,
             max_batch_images: settings.max_batch_images,
@@ -486,10 +490,13 @@ impl VisionService {
             keys: keys.to_vec(),
             deadline: timeout.and_then(|t| started.checked_add(t)),
             reply,
+            span: tracing::Span::current(),
+            enqueued: Instant::now(),
         };
         // Counted before the send: the encoder thread may take the job at once.
         let waiting = &self.inner.shared.counters.waiting;
-        waiting.fetch_add(1, Ordering::Relaxed);
+        let now_waiting = waiting.fetch_add(1, Ordering::Relaxed) + 1;
+        crate::telemetry::waiting(&self.inner.settings.model_id, now_waiting);
         self.inner.jobs.try_send(job).map_err(|(e, _)| {
             waiting.fetch_sub(1, Ordering::Relaxed);
             match e {
@@ -519,6 +526,7 @@ impl VisionService {
 
 /// What the encoder thread needs besides the encoder and its queue.
 struct WorkerContext {
+    model_id: String,
     decode: DecodeOptions,
     dtype: EmbeddingDType,
     max_batch_images: usize,
@@ -574,10 +582,13 @@ fn worker(
                 None => break,
             }
         }
-        ctx.shared
+        let left = ctx
+            .shared
             .counters
             .waiting
-            .fetch_sub(batch.len(), Ordering::Relaxed);
+            .fetch_sub(batch.len(), Ordering::Relaxed)
+            .saturating_sub(batch.len());
+        crate::telemetry::waiting(&ctx.model_id, left);
         // A panic inside a batch drops its jobs' reply senders (their callers get INTERNAL)
         // and the thread keeps serving the next batch.
         let _ = pulse.guard(|| run_batch(&encoder, &ctx, batch));
@@ -610,6 +621,15 @@ fn run_batch(encoder: &VisionEncoder, ctx: &WorkerContext, batch: Vec<Job>) {
             }
         })
         .collect();
+    let Some(first) = live.first() else {
+        return;
+    };
+    let batch_images: usize = live.iter().map(|j| j.images.len()).sum();
+    let batch_span = crate::telemetry::batch_span(&first.span, live.len(), batch_images);
+    let _entered = batch_span.enter();
+    for job in &live {
+        crate::telemetry::queued(&ctx.model_id, &job.span, job.enqueued, now);
+    }
     // Each image: from the cache, from an identical image earlier in this batch (when the
     // cache is on, the second is a hit, as it would be one batch later), or to encode.
     let mut work: Vec<(&pb::Image, CacheKey)> = Vec::new();
@@ -643,6 +663,7 @@ fn run_batch(encoder: &VisionEncoder, ctx: &WorkerContext, batch: Vec<Job>) {
         }
         if caching {
             ctx.shared.counters.cache_looked_up(queries, hits);
+            crate::telemetry::images("cached", hits);
         }
     }
     let mut results: Vec<WorkResult> = Vec::with_capacity(work.len());
@@ -688,7 +709,10 @@ fn encode_chunk(
             )
         })
         .collect();
-    let encoded = match encoder.encode_bytes_batch(&inputs) {
+    let started = Instant::now();
+    let encoded = encoder.encode_bytes_batch(&inputs);
+    crate::telemetry::encoded(started.elapsed(), &encoded);
+    let encoded = match encoded {
         Ok(per_image) => per_image,
         Err(e) => {
             // The forward itself failed: every image of the chunk shares the error.
