@@ -14,6 +14,8 @@
 //!   DEADLINE_EXCEEDED when it expires before the response starts.
 //! - [`bad_request`]: INVALID_ARGUMENT with `google.rpc.BadRequest` field violations.
 //! - [`client`]: a channel with our settings, health checks, reflection listings.
+//! - [`tls`]: TLS and mTLS (rustls) for servers and clients, certificates re-read when
+//!   their files change; [`tls::DevCa`], a throwaway CA for `medgemma up --tls` and tests.
 //! - [`init_logging`]: the one log set-up of every binary (stderr, `MEDGEMMA_LOG`).
 
 pub mod client;
@@ -22,6 +24,7 @@ mod error;
 mod layer;
 mod server;
 mod status;
+pub mod tls;
 pub mod trace;
 
 pub use error::RpcError;

@@ -15,7 +15,7 @@ use medgemma_deid::eval::{self, Counts, Note, Predicted, Report};
 use medgemma_proto::gateway::v1 as pb;
 use serde_json::{Value, json};
 
-use crate::client::{ConnectArgs, SamplingArgs, connect, request};
+use crate::client::{ApiKey, ConnectArgs, SamplingArgs, connect, connect_with, request};
 
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 
@@ -210,7 +210,7 @@ pub fn run(a: EvalDeidArgs) -> anyhow::Result<()> {
             .enable_all()
             .build()?;
         let (preds, model_id): (HashMap<String, Vec<Predicted>>, String) = rt.block_on(async {
-            let mut client = connect(gw).await?;
+            let mut client = connect(gw, None, ApiKey::from_env()?).await?;
             let mut out = HashMap::new();
             let mut model_id = String::new();
             for (i, n) in notes.iter().enumerate() {
@@ -395,7 +395,7 @@ pub fn deidentify(a: DeidentifyArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut client = connect(&a.connect.gateway).await?;
+        let mut client = connect_with(&a.connect).await?;
         let r = client
             .deidentify(request(
                 pb::DeidentifyRequest {

@@ -56,6 +56,15 @@ pub struct GatewayArgs {
     /// How long in-flight calls may finish after SIGTERM.
     #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT", default_value = "8s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// TLS of the gateway's own listener (and client certificates, with --tls-client-ca).
+    #[command(flatten)]
+    pub tls: medgemma_rpc::tls::ServerTlsArgs,
+    /// TLS (mTLS) towards the backends' pools.
+    #[command(flatten)]
+    pub pool_tls: medgemma_rpc::tls::ClientTlsArgs,
+    /// API keys, client-certificate auth, audit log, reflection.
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
 }
 
 impl GatewayArgs {
@@ -82,6 +91,9 @@ impl GatewayArgs {
             max_text_bytes: 256 << 10,
             request_timeout: Duration::from_secs(600),
             drain_timeout: Duration::from_secs(8),
+            tls: Default::default(),
+            pool_tls: Default::default(),
+            auth: Default::default(),
         }
     }
 

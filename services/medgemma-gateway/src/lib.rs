@@ -15,6 +15,8 @@
 //! gw.serve(medgemma_rpc::shutdown_signal()).await?;
 //! ```
 
+pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod deadline;
 pub mod error;
@@ -47,6 +49,7 @@ pub struct GatewayServer {
     service: ClinicalTasksService,
     pools: Vec<Arc<Pool>>,
     resolve_interval: Duration,
+    guard: Arc<auth::Guard>,
 }
 
 /// Why the gateway could not start.
@@ -65,26 +68,44 @@ impl GatewayServer {
     /// allowed (their tasks answer UNAVAILABLE saying which flag to set).
     pub async fn bind(args: GatewayArgs) -> Result<Self, StartError> {
         args.validate().map_err(StartError::Config)?;
-        let tokenizer = Arc::new(Pool::new(
-            "tokenizer",
-            "--tokenizer-addr / MEDGEMMA_TOKENIZER_ADDR",
-            args.tokenizer_addr.clone(),
-        ));
-        let text = Arc::new(Pool::new(
-            "text",
-            "--text-pool / MEDGEMMA_TEXT_POOL",
-            args.text_pool.clone(),
-        ));
-        let multimodal = Arc::new(Pool::new(
-            "multimodal",
-            "--multimodal-pool / MEDGEMMA_MULTIMODAL_POOL",
-            args.multimodal_pool.clone(),
-        ));
-        let vision = Arc::new(Pool::new(
-            "vision",
-            "--vision-pool / MEDGEMMA_VISION_POOL",
-            args.vision_pool.clone(),
-        ));
+        let config = |e: medgemma_rpc::tls::TlsError| StartError::Config(e.to_string());
+        let server_tls = args.tls.load().map_err(config)?;
+        let pool_tls = args
+            .pool_tls
+            .load(args.tls.reload_interval().map_err(config)?)
+            .map_err(config)?;
+        let tokenizer = Arc::new(
+            Pool::new(
+                "tokenizer",
+                "--tokenizer-addr / MEDGEMMA_TOKENIZER_ADDR",
+                args.tokenizer_addr.clone(),
+            )
+            .with_tls(pool_tls.clone()),
+        );
+        let text = Arc::new(
+            Pool::new(
+                "text",
+                "--text-pool / MEDGEMMA_TEXT_POOL",
+                args.text_pool.clone(),
+            )
+            .with_tls(pool_tls.clone()),
+        );
+        let multimodal = Arc::new(
+            Pool::new(
+                "multimodal",
+                "--multimodal-pool / MEDGEMMA_MULTIMODAL_POOL",
+                args.multimodal_pool.clone(),
+            )
+            .with_tls(pool_tls.clone()),
+        );
+        let vision = Arc::new(
+            Pool::new(
+                "vision",
+                "--vision-pool / MEDGEMMA_VISION_POOL",
+                args.vision_pool.clone(),
+            )
+            .with_tls(pool_tls.clone()),
+        );
         let pools = vec![
             tokenizer.clone(),
             text.clone(),
@@ -116,15 +137,23 @@ impl GatewayServer {
             &[SERVICE_NAME],
             ServeOptions {
                 drain_timeout: args.drain_timeout,
+                tls: server_tls.clone(),
+                reflection: args.auth.reflection,
+                health_listen: args.tls.health_listen.clone(),
                 ..ServeOptions::default()
             },
         )
         .await?;
+        let client_ca = server_tls.is_some_and(|t| t.requires_client_cert());
+        let loopback = server.local_addr().ip().is_loopback();
+        let guard =
+            auth::Guard::from_args(&args.auth, loopback, client_ca).map_err(StartError::Config)?;
         Ok(Self {
             server,
             service,
             pools,
             resolve_interval: args.resolve_interval,
+            guard: Arc::new(guard),
         })
     }
 
@@ -141,9 +170,10 @@ impl GatewayServer {
     /// Serves until `shutdown` completes, then drains. Pools are re-resolved meanwhile.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RpcError> {
         let resolver = tokio::spawn(pool::resolve_forever(self.pools, self.resolve_interval));
-        let routes = Routes::new(medgemma_rpc::with_limits!(ClinicalTasksServer::new(
-            self.service
-        )));
+        let routes = Routes::new(auth::Guarded::new(
+            medgemma_rpc::with_limits!(ClinicalTasksServer::new(self.service)),
+            self.guard,
+        ));
         let health = self.server.health();
         // Stateless: ready as soon as it accepts.
         health.set_serving().await;

@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::audit::{AuditNote, HasUsage};
 use crate::deadline::Deadline;
 use crate::error::GatewayError;
 use crate::tasks::{CallCtx, Deltas, Tasks};
@@ -52,13 +53,14 @@ impl ClinicalTasksService {
 /// error) to the caller. When the caller goes away, the task is dropped at once (which drops
 /// the generator stream, which cancels the sequence).
 fn stream_task<M, R, F, Fut>(
+    note: AuditNote,
     task: F,
     delta: fn(String) -> M,
     last: fn(R) -> M,
 ) -> ReceiverStream<Result<M, Status>>
 where
     M: Send + 'static,
-    R: Send + 'static,
+    R: HasUsage + Send + 'static,
     F: FnOnce(Deltas) -> Fut + Send + 'static,
     Fut: Future<Output = Result<R, GatewayError>> + Send + 'static,
 {
@@ -90,7 +92,10 @@ where
                 }
             }
             let msg = match result {
-                Ok(r) => Ok(last(r)),
+                Ok(r) => {
+                    note.usage(r.usage());
+                    Ok(last(r))
+                }
                 Err(e) => {
                     tracing::info!(error = %e, "task failed");
                     Err(Status::from(e))
@@ -115,8 +120,10 @@ impl ClinicalTasks for ClinicalTasksService {
         request: Request<pb::AskRequest>,
     ) -> Result<Response<pb::AskResponse>, Status> {
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::ask(request.into_inner(), &self.limits).map_err(fail)?;
         let r = self.tasks.ask(&ctx, task, None).await.map_err(fail)?;
+        note.usage(r.usage.as_ref());
         Ok(Response::new(r))
     }
 
@@ -128,9 +135,11 @@ impl ClinicalTasks for ClinicalTasksService {
     ) -> Result<Response<Self::AskStreamStream>, Status> {
         use pb::ask_stream_response::Event;
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::ask(request.into_inner(), &self.limits).map_err(fail)?;
         let tasks = self.tasks.clone();
         Ok(Response::new(stream_task(
+            note,
             move |d| async move { tasks.ask(&ctx, task, Some(&d)).await },
             |t| pb::AskStreamResponse {
                 event: Some(Event::TextDelta(t)),
@@ -146,8 +155,10 @@ impl ClinicalTasks for ClinicalTasksService {
         request: Request<pb::SummarizeClinicalNoteRequest>,
     ) -> Result<Response<pb::SummarizeClinicalNoteResponse>, Status> {
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::summarize(request.into_inner(), &self.limits).map_err(fail)?;
         let r = self.tasks.summarize(&ctx, task, None).await.map_err(fail)?;
+        note.usage(r.usage.as_ref());
         Ok(Response::new(r))
     }
 
@@ -160,9 +171,11 @@ impl ClinicalTasks for ClinicalTasksService {
     ) -> Result<Response<Self::SummarizeClinicalNoteStreamStream>, Status> {
         use pb::summarize_clinical_note_stream_response::Event;
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::summarize(request.into_inner(), &self.limits).map_err(fail)?;
         let tasks = self.tasks.clone();
         Ok(Response::new(stream_task(
+            note,
             move |d| async move { tasks.summarize(&ctx, task, Some(&d)).await },
             |t| pb::SummarizeClinicalNoteStreamResponse {
                 event: Some(Event::TextDelta(t)),
@@ -178,12 +191,14 @@ impl ClinicalTasks for ClinicalTasksService {
         request: Request<pb::AnswerMultipleChoiceRequest>,
     ) -> Result<Response<pb::AnswerMultipleChoiceResponse>, Status> {
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::multiple_choice(request.into_inner(), &self.limits).map_err(fail)?;
         let r = self
             .tasks
             .multiple_choice(&ctx, task, None)
             .await
             .map_err(fail)?;
+        note.usage(r.usage.as_ref());
         Ok(Response::new(r))
     }
 
@@ -196,9 +211,11 @@ impl ClinicalTasks for ClinicalTasksService {
     ) -> Result<Response<Self::AnswerMultipleChoiceStreamStream>, Status> {
         use pb::answer_multiple_choice_stream_response::Event;
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::multiple_choice(request.into_inner(), &self.limits).map_err(fail)?;
         let tasks = self.tasks.clone();
         Ok(Response::new(stream_task(
+            note,
             move |d| async move { tasks.multiple_choice(&ctx, task, Some(&d)).await },
             |t| pb::AnswerMultipleChoiceStreamResponse {
                 event: Some(Event::TextDelta(t)),
@@ -214,8 +231,10 @@ impl ClinicalTasks for ClinicalTasksService {
         request: Request<pb::DeidentifyRequest>,
     ) -> Result<Response<pb::DeidentifyResponse>, Status> {
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::deidentify(request.into_inner(), &self.limits).map_err(fail)?;
         let r = self.tasks.deidentify(&ctx, task).await.map_err(fail)?;
+        note.usage(r.usage.as_ref());
         Ok(Response::new(r))
     }
 
@@ -224,8 +243,13 @@ impl ClinicalTasks for ClinicalTasksService {
         request: Request<pb::DraftRadiologyReportRequest>,
     ) -> Result<Response<pb::DraftRadiologyReportResponse>, Status> {
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
+        if let Some(image) = &request.get_ref().image {
+            note.image(&image.data);
+        }
         let task = validate::report(request.into_inner(), &self.limits).map_err(fail)?;
         let r = self.tasks.report(&ctx, task, None).await.map_err(fail)?;
+        note.usage(r.usage.as_ref());
         Ok(Response::new(r))
     }
 
@@ -238,9 +262,14 @@ impl ClinicalTasks for ClinicalTasksService {
     ) -> Result<Response<Self::DraftRadiologyReportStreamStream>, Status> {
         use pb::draft_radiology_report_stream_response::Event;
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
+        if let Some(image) = &request.get_ref().image {
+            note.image(&image.data);
+        }
         let task = validate::report(request.into_inner(), &self.limits).map_err(fail)?;
         let tasks = self.tasks.clone();
         Ok(Response::new(stream_task(
+            note,
             move |d| async move { tasks.report(&ctx, task, Some(&d)).await },
             |t| pb::DraftRadiologyReportStreamResponse {
                 event: Some(Event::TextDelta(t)),

@@ -77,6 +77,9 @@ pub struct GeneratorArgs {
     /// Seconds in-flight calls may run after SIGTERM before their connections are closed.
     #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT_S", default_value_t = 10)]
     pub drain_timeout_s: u64,
+    /// TLS, and mTLS with --tls-client-ca (production: only the gateway's certificate).
+    #[command(flatten)]
+    pub tls: medgemma_rpc::tls::ServerTlsArgs,
 }
 
 /// What the service needs besides the model: see [`GeneratorArgs`] for the meaning of each.
@@ -94,6 +97,10 @@ pub struct GeneratorConfig {
     pub scheduler: SchedulerConfig,
     /// Drain bound at shutdown.
     pub drain_timeout: Duration,
+    /// TLS of the listener (`None`: plaintext).
+    pub tls: Option<medgemma_rpc::tls::ServerTls>,
+    /// The plaintext health-only listener (`--health-listen`).
+    pub health_listen: Option<String>,
 }
 
 impl GeneratorConfig {
@@ -107,6 +114,8 @@ impl GeneratorConfig {
             kv_cache: KvCacheConfig::default(),
             scheduler: SchedulerConfig::default(),
             drain_timeout: Duration::from_secs(10),
+            tls: None,
+            health_listen: None,
         }
     }
 
@@ -185,6 +194,8 @@ impl GeneratorArgs {
                 prefix_caching: self.prefix_caching,
             },
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
+            tls: None,
+            health_listen: None,
         }
     }
 

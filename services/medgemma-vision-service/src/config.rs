@@ -71,6 +71,9 @@ pub struct VisionArgs {
     /// Seconds in-flight calls may run after SIGTERM before their connections are closed.
     #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT_S", default_value_t = 10)]
     pub drain_timeout_s: u64,
+    /// TLS, and mTLS with --tls-client-ca (production: only the gateway's certificate).
+    #[command(flatten)]
+    pub tls: medgemma_rpc::tls::ServerTlsArgs,
 }
 
 impl VisionArgs {
