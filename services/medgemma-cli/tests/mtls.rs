@@ -296,7 +296,11 @@ async fn mtls_backends_api_keys_audit_and_rotation() {
     // Each refused by the server's handshake, which logs why; the caller gets an error (the
     // TLS alert, or the closed connection when its request raced the alert).
     let cases = [
-        ("no client certificate", Some(client_tls(&ca_pem, None)), "no certificates"),
+        (
+            "no client certificate",
+            Some(client_tls(&ca_pem, None)),
+            "no certificates",
+        ),
         (
             "a certificate from another CA",
             Some(client_tls(&ca_pem, Some(other_client))),
@@ -327,10 +331,12 @@ async fn mtls_backends_api_keys_audit_and_rotation() {
         let log = tokenizer.log();
         let line = log
             .lines()
-            .filter(|l| l.contains("tls handshake refused"))
-            .next_back()
+            .rfind(|l| l.contains("tls handshake refused"))
             .unwrap();
-        assert!(line.contains(reason), "{what}: expected {reason:?} in {line}");
+        assert!(
+            line.contains(reason),
+            "{what}: expected {reason:?} in {line}"
+        );
     }
 
     // 2. API keys at the gateway (TLS, no client certificate needed there).

@@ -25,6 +25,7 @@ fn service() -> Option<TokenizerService> {
                 cache_dir: None,
                 tokens_per_image: 256,
                 drain_timeout_s: 1,
+                tls: Default::default(),
             };
             Some(args.load().unwrap())
         })
