@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/medgemma-serve/target}"
-cargo run -q -p medgemma-cli -- eval-deid --split test --limit 20 --bench-mb 1 \
+cargo run -q --locked -p medgemma-cli -- eval-deid --split test --limit 20 --bench-mb 1 \
   --min-recall 0.95 --min-precision 0.85 --min-margin 0.10

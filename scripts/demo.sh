@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/medgemma-serve/target}"
-cargo build -q -p medgemma-cli
+cargo build -q --locked -p medgemma-cli
 bin="$CARGO_TARGET_DIR/debug/medgemma"
 case "${1:-}" in
   --serve)

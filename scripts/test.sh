@@ -6,20 +6,28 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/medgemma-serve/target}"
 export MEDGEMMA_REQUIRE_ASSETS="${MEDGEMMA_REQUIRE_ASSETS:-1}"
 cargo fmt --all --check
+# Supply chain: cargo deny (advisories from the committed RustSec snapshot, licenses, bans,
+# sources); ~10 s, plus ~6 min once to install cargo-deny into the cache.
+bash scripts/cargo-deny.sh
 # Proto lint (buf from npm, pinned, installed once into the cache, outside the clone).
 buf_version=1.75.0
 buf_dir="${MEDGEMMA_CACHE_DIR:-$HOME/.cache/medgemma}/tools/buf-$buf_version"
 if [ ! -x "$buf_dir/node_modules/.bin/buf" ]; then
   npm install -s --no-audit --no-fund --prefix "$buf_dir" "@bufbuild/buf@$buf_version"
 fi
-"$buf_dir/node_modules/.bin/buf" lint proto
-cargo run -q -p medgemma-cli -- fetch-demo
+# The linux-x64 binary npm installed, checked against its pinned sha256 (x86-64 Linux CI).
+buf_bin="$buf_dir/node_modules/@bufbuild/buf-linux-x64/bin/buf"
+echo "fad1e38d6909bbb583a4da81d8c02a01046e2cd663bde7e337dd24277393764b  $buf_bin" | sha256sum -c --quiet -
+"$buf_bin" lint proto
+cargo run -q --locked -p medgemma-cli -- fetch-demo
 # Real DICOM radiographs for the vision tests (PyPI pydicom-data, pinned; sha256-checked by
 # the tests themselves).
 dicom_dir="${MEDGEMMA_CACHE_DIR:-$HOME/.cache/medgemma}/demo/pydicom-data"
 if [ ! -f "$dicom_dir/eCT_Supplemental.dcm" ]; then
   tmp=$(mktemp -d)
   python3 -m pip download -q --no-deps pydicom-data==1.0.0 -d "$tmp"
+  echo "622ac97265f1d91f76b5120b5bd6eb0f57737c392ef863b72c71779c91e33637  $tmp/pydicom_data-1.0.0-py3-none-any.whl" |
+    sha256sum -c --quiet -
   mkdir -p "$dicom_dir"
   python3 - "$tmp" "$dicom_dir" <<'PY'
 import glob, os, sys, zipfile
@@ -34,15 +42,17 @@ PY
 fi
 bash scripts/check-deploy.sh  # deploy/: hadolint, Helm renders, schemas, checkov, chart tests
 bash scripts/check-observability.sh  # deploy/observability: promtool rules + unit tests, dashboard names (~5 s + apt once)
-cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 # The observability test (services/medgemma-suite/tests/observability.rs) runs these four as
 # separate processes from the target directory.
 cargo build -p medgemma-gateway -p medgemma-generator -p medgemma-tokenizer-service \
-  -p medgemma-vision-service --bins
-cargo test --workspace
+  -p medgemma-vision-service --bins --locked
+# Includes services/medgemma-cli/tests/mtls.rs: the security suite with every service its own
+# process (~25 s).
+cargo test --locked --workspace
 # The vision tower again without our SIMD kernels (no fused attention, portable softmax/GELU):
 # the path CPUs without AVX-512 take, pinned to the same transformers goldens.
-MEDGEMMA_CPU_SIMD=0 cargo test -p medgemma-vision --test tower
+MEDGEMMA_CPU_SIMD=0 cargo test --locked -p medgemma-vision --test tower
 bash scripts/deid-eval.sh
 # Black box: `medgemma up` driven from Python grpcio (health, reflection, the four tasks, bad
 # requests, SIGTERM).

@@ -17,7 +17,7 @@ if ! "$venv/bin/python" -c "import grpc, grpc_reflection, grpc_health" 2>/dev/nu
     grpcio==1.85.1 grpcio-reflection==1.85.1 grpcio-health-checking==1.85.1
 fi
 
-cargo build -q -p medgemma-cli
+cargo build -q --locked -p medgemma-cli
 bin="$CARGO_TARGET_DIR/debug/medgemma"
 
 work=$(mktemp -d)

@@ -322,6 +322,32 @@ class Production(unittest.TestCase):
                 self.assertEqual(int(port), services[svc]["spec"]["ports"][0]["port"])
             self.assertNotEqual(services["medgemma-gateway"]["spec"].get("clusterIP"), "None")
 
+    def test_production_is_mtls_with_api_keys_and_probes_on_the_health_port(self):
+        for d in by_kind(rendered("production"), "Deployment"):
+            name = d["metadata"]["name"]
+            c = d["spec"]["template"]["spec"]["containers"][0]
+            flags = dict(zip(c["args"][::2], c["args"][1::2]))
+            self.assertEqual(flags["--tls-cert"], "/etc/medgemma/tls/tls.crt", name)
+            self.assertEqual(flags["--health-listen"], "0.0.0.0:8081", name)
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                self.assertEqual(c[probe]["grpc"]["port"], 8081, (name, probe))
+            mounts = {m["name"]: m for m in c["volumeMounts"]}
+            self.assertTrue(mounts["tls"]["readOnly"], name)
+            if name == "medgemma-gateway":
+                self.assertEqual(flags["--tls-ca"], "/etc/medgemma/tls/ca.crt")
+                self.assertEqual(flags["--api-keys"], "/etc/medgemma/api-keys/keys.json")
+                self.assertEqual(flags["--reflection"], "false")
+                self.assertEqual(flags["--audit-log"], "-")
+                self.assertIn("api-keys", mounts)
+            else:
+                self.assertEqual(flags["--tls-client-ca"], "/etc/medgemma/tls/ca.crt", name)
+                self.assertNotIn("api-keys", mounts, name)
+        # The dev profile stays plaintext on the demo, open by explicit choice.
+        gw = next(d for d in rendered("dev") if d["metadata"]["name"] == "medgemma-gateway")
+        args = gw["spec"]["template"]["spec"]["containers"][0]["args"]
+        self.assertNotIn("--tls-cert", args)
+        self.assertEqual(dict(zip(args[::2], args[1::2]))["--auth"], "none")
+
     def test_generator_pools_scale_on_waiting_requests_and_cpu_pools_on_cpu(self):
         docs = rendered("production")
         scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in by_kind(docs, "ScaledObject")}

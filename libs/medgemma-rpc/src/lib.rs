@@ -21,6 +21,8 @@
 //!   JSON lines or human-readable, OTLP trace export from the standard `OTEL_*` variables, the
 //!   panic hook, `--metrics-addr`); [`init_logging`] for the CLI's one-shot commands.
 //! - [`metrics`]: the Prometheus metrics (vLLM-style names) and their text endpoint.
+//! - [`tls`]: TLS and mTLS (rustls) for servers and clients, certificates re-read when
+//!   their files change; [`tls::DevCa`], a throwaway CA for `medgemma up --tls` and tests.
 
 pub mod client;
 pub mod deadline;
@@ -30,6 +32,7 @@ pub mod metrics;
 mod server;
 mod status;
 pub mod telemetry;
+pub mod tls;
 pub mod trace;
 pub mod worker;
 

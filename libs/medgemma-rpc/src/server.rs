@@ -16,6 +16,7 @@ use tower_layer::Layer;
 
 use crate::error::RpcError;
 use crate::layer::RpcLayer;
+use crate::tls::ServerTls;
 use crate::worker::{Pulse, WatchdogOptions};
 
 const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
@@ -43,6 +44,13 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// How the model worker's health is judged ([`crate::worker::watchdog`]).
     pub watchdog: WatchdogOptions,
+    /// TLS (and mTLS when it has a client CA); `None`: plaintext HTTP/2.
+    pub tls: Option<ServerTls>,
+    /// Whether server reflection is served (off for production gateways).
+    pub reflection: bool,
+    /// A second, plaintext listener serving only `grpc.health.v1` (Kubernetes gRPC probes
+    /// speak no TLS); `None`: none.
+    pub health_listen: Option<String>,
 }
 
 impl Default for ServeOptions {
@@ -54,6 +62,9 @@ impl Default for ServeOptions {
             max_concurrent_streams: 256,
             max_connections: 1024,
             watchdog: WatchdogOptions::default(),
+            tls: None,
+            reflection: true,
+            health_listen: None,
         }
     }
 }
@@ -138,6 +149,7 @@ pub struct RpcServer {
     services: Vec<String>,
     options: ServeOptions,
     drain_expired: tokio::sync::watch::Sender<bool>,
+    health_listener: Option<TcpListener>,
 }
 
 impl RpcServer {
@@ -160,7 +172,20 @@ impl RpcServer {
                 source,
             })?;
         let local_addr = listener.local_addr().map_err(RpcError::LocalAddr)?;
+        crate::tls::warn_if_exposed(local_addr, options.tls.as_ref());
+        let health_listener = match &options.health_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RpcError::Bind {
+                        addr: addr.clone(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
         Ok(Self {
+            health_listener,
             listener,
             local_addr,
             health: Health::new(services).await,
@@ -221,7 +246,7 @@ impl RpcServer {
     /// `shutdown` completes. Then: health NOT_SERVING, no new connections, in-flight calls
     /// drained for at most [`ServeOptions::drain_timeout`].
     pub async fn serve(
-        self,
+        mut self,
         routes: Routes,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), RpcError> {
@@ -230,11 +255,19 @@ impl RpcServer {
         let health_server = tonic_health::pb::health_server::HealthServer::new(
             HealthService::from_health_reporter(self.health.reporter.clone()),
         );
-        let routes = routes
-            .add_service(health_server)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .prepare();
+        let health_only = self.health_listener.take().map(|listener| {
+            let routes = Routes::new(health_server.clone()).prepare();
+            tokio::spawn(serve_health_only(listener, routes))
+        });
+        let routes = routes.add_service(health_server);
+        let routes = if self.options.reflection {
+            routes
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+        } else {
+            routes
+        }
+        .prepare();
         let service = RpcLayer.layer(routes);
 
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -257,6 +290,9 @@ impl RpcServer {
         http2.max_header_list_size(64 << 10);
         let graceful = GracefulShutdown::new();
         let connections = Arc::new(tokio::sync::Semaphore::new(options.max_connections.max(1)));
+        if let Some(tls) = &options.tls {
+            tls.watch();
+        }
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             // At most `max_connections` at once: the next accept waits for a slot.
@@ -270,9 +306,22 @@ impl RpcServer {
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _peer)) => {
+                    Ok((stream, peer)) => {
                         // Small messages (stream deltas) should not wait for Nagle.
                         let _ = stream.set_nodelay(true);
+                        if let Some(tls) = &options.tls {
+                            // The handshake runs on the connection's own task, so a slow or
+                            // hostile client never holds up accepting the next one.
+                            crate::tls::serve_tls_connection(
+                                tls.clone(),
+                                stream,
+                                peer,
+                                http2.clone(),
+                                service.clone(),
+                                graceful.watcher(),
+                            );
+                            continue;
+                        }
                         let connection = http2.serve_connection(
                             TokioIo::new(stream),
                             TowerToHyperService::new(service.clone()),
@@ -295,6 +344,7 @@ impl RpcServer {
         }
         health.set_not_serving().await;
         drop(listener);
+        let _abort_health_only = health_only.map(AbortOnDrop);
         tracing::info!(addr = %local_addr, drain_s = options.drain_timeout.as_secs_f64(), "draining");
         let drained = graceful.shutdown();
         tokio::pin!(drained);
@@ -313,6 +363,37 @@ impl RpcServer {
                     secs: options.drain_timeout.as_secs(),
                 })
             }
+        }
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves only `grpc.health.v1`, plaintext, until aborted: what Kubernetes probes reach.
+async fn serve_health_only(listener: TcpListener, routes: Routes) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "health-only listener (plaintext, grpc.health.v1 only)");
+    }
+    let http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let connection = http2.serve_connection(
+                    TokioIo::new(stream),
+                    TowerToHyperService::new(routes.clone()),
+                );
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
 }

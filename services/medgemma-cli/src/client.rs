@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use medgemma_proto::gateway::v1 as pb;
 use pb::clinical_tasks_client::ClinicalTasksClient;
 use serde_json::{Value, json};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 /// Where the gateway is and how to talk to it.
@@ -26,6 +27,79 @@ pub struct ConnectArgs {
     /// Print the response as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// PEM CA certificate of the gateway's certificate: turns on TLS.
+    #[arg(long, env = "MEDGEMMA_CA")]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate (a gateway that requires mTLS), with --key.
+    #[arg(long, env = "MEDGEMMA_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "MEDGEMMA_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// A file holding the API key, sent as `authorization: Bearer <key>` (or set
+    /// MEDGEMMA_API_KEY; never pass a key on the command line).
+    #[arg(long, env = "MEDGEMMA_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+}
+
+/// A gateway client that sends the API key (if any) with every call.
+pub type GatewayClient = ClinicalTasksClient<InterceptedService<Channel, ApiKey>>;
+
+/// Adds `authorization: Bearer <key>` to every call.
+#[derive(Clone, Default)]
+pub struct ApiKey(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "ApiKey(set)"
+        } else {
+            "ApiKey(none)"
+        })
+    }
+}
+
+impl tonic::service::Interceptor for ApiKey {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+impl ConnectArgs {
+    /// The API key from --api-key-file or MEDGEMMA_API_KEY.
+    fn api_key(&self) -> anyhow::Result<ApiKey> {
+        match &self.api_key_file {
+            Some(path) => ApiKey::new(
+                &std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the API key file {}", path.display()))?,
+            ),
+            None => ApiKey::from_env(),
+        }
+    }
+}
+
+impl ApiKey {
+    /// The key in MEDGEMMA_API_KEY, if set.
+    pub fn from_env() -> anyhow::Result<Self> {
+        Self::new(&std::env::var("MEDGEMMA_API_KEY").unwrap_or_default())
+    }
+
+    /// `key` (surrounding whitespace trimmed; empty: no key).
+    fn new(key: &str) -> anyhow::Result<Self> {
+        let key = key.trim();
+        if key.is_empty() {
+            return Ok(ApiKey(None));
+        }
+        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {key}")
+                .parse()
+                .map_err(|_| anyhow::anyhow!("the API key holds characters a header cannot"))?;
+        value.set_sensitive(true);
+        Ok(ApiKey(Some(value)))
+    }
 }
 
 /// Sampling overrides; unset flags take the task's defaults (temperature 0.1).
@@ -134,22 +208,55 @@ pub struct ReportArgs {
     pub sampling: SamplingArgs,
 }
 
-/// A client of the gateway at `addr` (`host:port` or a URL).
-pub async fn connect(addr: &str) -> anyhow::Result<ClinicalTasksClient<Channel>> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
+/// A client of the gateway at `addr` (`host:port` or a URL), over TLS with `tls`, sending
+/// `key` with every call.
+pub async fn connect(
+    addr: &str,
+    tls: Option<&medgemma_rpc::tls::ClientTls>,
+    key: ApiKey,
+) -> anyhow::Result<GatewayClient> {
+    // The scheme stays http: TLS is our connector's, not tonic's.
+    let url = match addr.split_once("://") {
+        Some((_, rest)) => format!("http://{rest}"),
+        None => format!("http://{addr}"),
     };
-    let channel = Endpoint::from_shared(url.clone())
+    let endpoint = Endpoint::from_shared(url.clone())
         .with_context(|| format!("{addr:?} is not a gateway address (host:port)"))?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
+        .connect_timeout(Duration::from_secs(10));
+    let channel = medgemma_rpc::tls::connect(endpoint, tls, None)
         .await
-        .with_context(|| format!("cannot connect to the gateway at {url}"))?;
-    Ok(medgemma_rpc::with_limits!(ClinicalTasksClient::new(
-        channel
-    )))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to the gateway at {addr}: {}",
+                error_chain(&*e)
+            )
+        })?;
+    Ok(medgemma_rpc::with_limits!(
+        ClinicalTasksClient::with_interceptor(channel, key)
+    ))
+}
+
+/// A client of the gateway these flags name (TLS, client certificate, API key).
+pub async fn connect_with(c: &ConnectArgs) -> anyhow::Result<GatewayClient> {
+    let tls = medgemma_rpc::tls::ClientTls::from_options(
+        c.ca.as_deref(),
+        c.cert.as_deref(),
+        c.key.as_deref(),
+        Duration::from_secs(60),
+    )?;
+    connect(&c.gateway, tls.as_ref(), c.api_key()?).await
+}
+
+/// An error and its causes on one line (TLS refusals are in the causes).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
 }
 
 pub fn request<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
@@ -400,7 +507,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// `medgemma ask`.
 pub fn ask(a: AskArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let mut client = connect(&a.connect.gateway).await?;
+        let mut client = connect_with(&a.connect).await?;
         let req = pb::AskRequest {
             question: a.question,
             system: a.system,
@@ -431,7 +538,7 @@ pub fn summarize(a: SummarizeArgs) -> anyhow::Result<()> {
         (None, None) => bail!("give --note or --note-file"),
     };
     runtime()?.block_on(async {
-        let mut client = connect(&a.connect.gateway).await?;
+        let mut client = connect_with(&a.connect).await?;
         let req = pb::SummarizeClinicalNoteRequest {
             note,
             output_language: a.language,
@@ -453,7 +560,7 @@ pub fn summarize(a: SummarizeArgs) -> anyhow::Result<()> {
 /// `medgemma mcq`.
 pub fn mcq(a: McqArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let mut client = connect(&a.connect.gateway).await?;
+        let mut client = connect_with(&a.connect).await?;
         let req = pb::AnswerMultipleChoiceRequest {
             question: a.question,
             options: a.options.clone(),
@@ -477,7 +584,7 @@ pub fn report(a: ReportArgs) -> anyhow::Result<()> {
     let data = std::fs::read(&a.image)
         .with_context(|| format!("reading the image {}", a.image.display()))?;
     runtime()?.block_on(async {
-        let mut client = connect(&a.connect.gateway).await?;
+        let mut client = connect_with(&a.connect).await?;
         let req = pb::DraftRadiologyReportRequest {
             image: Some(pb::Image {
                 data,
@@ -498,4 +605,36 @@ pub fn report(a: ReportArgs) -> anyhow::Result<()> {
         print(a.connect.json, report_json(&r), report_text(&r));
         Ok(())
     })
+}
+
+/// Flags of `medgemma gen-api-key`.
+#[derive(Debug, clap::Args)]
+pub struct GenApiKeyArgs {
+    /// The key's name (what the audit log records).
+    #[arg(long)]
+    pub name: String,
+    /// A task the key may call (repeat; `*` for all): Ask, SummarizeClinicalNote,
+    /// AnswerMultipleChoice, DraftRadiologyReport, Deidentify.
+    #[arg(long = "task", required = true)]
+    pub tasks: Vec<String>,
+}
+
+/// `medgemma gen-api-key`.
+pub fn gen_api_key(a: GenApiKeyArgs) -> anyhow::Result<()> {
+    use medgemma_gateway::auth;
+    for t in &a.tasks {
+        if t != "*" && !auth::TASKS.contains(&t.as_str()) {
+            bail!(
+                "unknown task {t:?} (one of {} or \"*\")",
+                auth::TASKS.join(", ")
+            );
+        }
+    }
+    let key = auth::new_key();
+    let entry = json!({"name": a.name, "sha256": auth::key_hash(&key), "tasks": a.tasks});
+    eprintln!(
+        "add to the keys file's \"keys\" list (the key itself is printed on stdout only):\n{entry}"
+    );
+    println!("{key}");
+    Ok(())
 }

@@ -15,7 +15,7 @@ use medgemma_deid::eval::{self, Counts, Note, Predicted, Report};
 use medgemma_proto::gateway::v1 as pb;
 use serde_json::{Value, json};
 
-use crate::client::{ConnectArgs, SamplingArgs, connect, request};
+use crate::client::{ApiKey, ConnectArgs, SamplingArgs, connect, connect_with, request};
 
 const REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
 
@@ -365,7 +365,7 @@ pub fn deidentify(a: DeidentifyArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut client = connect(&a.connect.gateway).await?;
+        let mut client = connect_with(&a.connect).await?;
         let r = client
             .deidentify(request(
                 pb::DeidentifyRequest {
@@ -437,7 +437,7 @@ async fn model_pass(
     notes: &[Note],
     concurrency: usize,
 ) -> anyhow::Result<(HashMap<String, Vec<Predicted>>, String)> {
-    let client = connect(gateway).await?;
+    let client = connect(gateway, None, ApiKey::from_env()?).await?;
     let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
     let mut tasks = tokio::task::JoinSet::new();
     for n in notes {

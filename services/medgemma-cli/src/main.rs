@@ -69,6 +69,9 @@ enum Command {
     EvalDeid(eval_deid::EvalDeidArgs),
     /// De-identify a clinical note (`ClinicalTasks.Deidentify`).
     Deidentify(eval_deid::DeidentifyArgs),
+    /// Make a gateway API key: the key on stdout (give it to the caller), the keys-file entry
+    /// holding only its SHA-256 on stderr.
+    GenApiKey(client::GenApiKeyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -105,6 +108,7 @@ fn main() {
         Command::FetchModel(a) => fetch_model::run(a),
         Command::EvalDeid(a) => eval_deid::run(a),
         Command::Deidentify(a) => eval_deid::deidentify(a),
+        Command::GenApiKey(a) => client::gen_api_key(a),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");

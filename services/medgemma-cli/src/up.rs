@@ -67,6 +67,27 @@ pub struct UpArgs {
     /// Metrics (one endpoint for the four services), log format, content logging.
     #[command(flatten)]
     pub common: medgemma_rpc::CommonArgs,
+    /// TLS on every hop with a throwaway CA generated now: the backends require the gateway's
+    /// client certificate (mTLS); the CA is written to --tls-dir for clients (`--ca`).
+    #[arg(long, env = "MEDGEMMA_UP_TLS")]
+    pub tls: bool,
+    /// Where `--tls` writes its CA, certificate and key (default: a new directory under the
+    /// system's temporary directory).
+    #[arg(long, env = "MEDGEMMA_UP_TLS_DIR", requires = "tls")]
+    pub tls_dir: Option<PathBuf>,
+}
+
+/// `--tls`: a new CA and one loopback certificate (server and client use), written to a
+/// directory; returns the suite's files and the CA path for clients.
+fn dev_tls(dir: Option<&PathBuf>) -> anyhow::Result<(medgemma_suite::SuiteTls, PathBuf)> {
+    let dir = match dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("medgemma-up-tls-{}", std::process::id())),
+    };
+    let ca = medgemma_rpc::tls::DevCa::new("medgemma up throwaway CA")?;
+    let (server, client) = ca.write_loopback_set(&dir)?;
+    let ca_path = client.ca.clone();
+    Ok((medgemma_suite::SuiteTls { server, client }, ca_path))
 }
 
 fn say_listening(name: &str, addr: SocketAddr, note: &str) {
@@ -102,6 +123,7 @@ async fn up(a: UpArgs) -> anyhow::Result<bool> {
     eprintln!(
         "loading the demo model (gemma-3-270m), the Gemma 3 tokenizer and the demo vision tower..."
     );
+    let tls = a.tls.then(|| dev_tls(a.tls_dir.as_ref())).transpose()?;
     let suite = Suite::start(SuiteOptions {
         host: a.host.clone(),
         gateway_listen: a.gateway_listen.clone(),
@@ -112,6 +134,7 @@ async fn up(a: UpArgs) -> anyhow::Result<bool> {
         drain_timeout: Duration::from_secs(8),
         queue_capacity: a.queue_capacity,
         max_running: a.max_running,
+        tls: tls.as_ref().map(|(t, _)| t.clone()),
     })
     .await
     .context("starting the suite")?;
@@ -136,14 +159,35 @@ async fn up(a: UpArgs) -> anyhow::Result<bool> {
          base model: its answers are not medical advice, nor good."
     );
     let gateway_addr = suite.gateway.addr;
+    let ca_flag = match &tls {
+        Some((_, ca)) => {
+            eprintln!(
+                "tls: every hop is TLS, the backends require the gateway's client certificate \
+                 (mTLS); throwaway CA: {}",
+                ca.display()
+            );
+            format!(" --ca {}", ca.display())
+        }
+        None => String::new(),
+    };
     eprintln!(
-        "all services up in {:.1} s; try: medgemma ask --gateway {gateway_addr} --question \"...\"",
+        "all services up in {:.1} s; try: medgemma ask --gateway {gateway_addr}{ca_flag} --question \"...\"",
         started.elapsed().as_secs_f64()
     );
 
     let mut ok = true;
     if !a.no_demo {
-        ok = run_demo(gateway_addr, a.demo_max_new_tokens).await;
+        let client_tls = match &tls {
+            Some((t, _)) => Some(medgemma_rpc::tls::ClientTls::load(
+                medgemma_rpc::tls::ClientTlsFiles {
+                    ca: t.client.ca.clone(),
+                    identity: None,
+                },
+                Duration::from_secs(60),
+            )?),
+            None => None,
+        };
+        ok = run_demo(gateway_addr, client_tls.as_ref(), a.demo_max_new_tokens).await;
         println!("demo done");
     }
     if !a.once {
@@ -157,12 +201,16 @@ async fn up(a: UpArgs) -> anyhow::Result<bool> {
     Ok(ok)
 }
 
-async fn run_demo(gateway: SocketAddr, max_new_tokens: u32) -> bool {
+async fn run_demo(
+    gateway: SocketAddr,
+    tls: Option<&medgemma_rpc::tls::ClientTls>,
+    max_new_tokens: u32,
+) -> bool {
     let sampling = Some(pb::Sampling {
         max_new_tokens: Some(max_new_tokens),
         ..Default::default()
     });
-    let mut c = match client::connect(&gateway.to_string()).await {
+    let mut c = match client::connect(&gateway.to_string(), tls, client::ApiKey::default()).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("demo: {e:#}");

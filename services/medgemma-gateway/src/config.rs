@@ -70,6 +70,15 @@ pub struct GatewayArgs {
     /// Retries allowed as a fraction of first attempts (0.2: at most 20% extra load), per pool.
     #[arg(long, env = "MEDGEMMA_RETRY_BUDGET", default_value_t = 0.2)]
     pub retry_budget: f64,
+    /// TLS of the gateway's own listener (and client certificates, with --tls-client-ca).
+    #[command(flatten)]
+    pub tls: medgemma_rpc::tls::ServerTlsArgs,
+    /// TLS (mTLS) towards the backends' pools.
+    #[command(flatten)]
+    pub pool_tls: medgemma_rpc::tls::ClientTlsArgs,
+    /// API keys, client-certificate auth, audit log, reflection.
+    #[command(flatten)]
+    pub auth: crate::auth::AuthArgs,
 }
 
 impl GatewayArgs {
@@ -100,6 +109,9 @@ impl GatewayArgs {
             stream_send_timeout: Duration::from_secs(30),
             max_attempts: 3,
             retry_budget: 0.2,
+            tls: Default::default(),
+            pool_tls: Default::default(),
+            auth: Default::default(),
         }
     }
 

@@ -15,6 +15,8 @@
 //! gw.serve(medgemma_rpc::shutdown_signal()).await?;
 //! ```
 
+pub mod audit;
+pub mod auth;
 pub mod config;
 pub mod deadline;
 pub mod error;
@@ -50,6 +52,7 @@ pub struct GatewayServer {
     resolve_interval: Duration,
     /// The largest request the gateway decodes.
     max_message_bytes: usize,
+    guard: Arc<auth::Guard>,
 }
 
 /// Why the gateway could not start.
@@ -68,13 +71,20 @@ impl GatewayServer {
     /// allowed (their tasks answer UNAVAILABLE saying which flag to set).
     pub async fn bind(args: GatewayArgs) -> Result<Self, StartError> {
         args.validate().map_err(StartError::Config)?;
+        let config = |e: medgemma_rpc::tls::TlsError| StartError::Config(e.to_string());
+        let server_tls = args.tls.load().map_err(config)?;
+        let pool_tls = args
+            .pool_tls
+            .load(args.tls.reload_interval().map_err(config)?)
+            .map_err(config)?;
         let tokenizer = Arc::new(
             Pool::new(
                 "tokenizer",
                 "--tokenizer-addr / MEDGEMMA_TOKENIZER_ADDR",
                 args.tokenizer_addr.clone(),
             )
-            .with_retries(args.max_attempts, args.retry_budget),
+            .with_retries(args.max_attempts, args.retry_budget)
+            .with_tls(pool_tls.clone()),
         );
         let text = Arc::new(
             Pool::new(
@@ -82,7 +92,8 @@ impl GatewayServer {
                 "--text-pool / MEDGEMMA_TEXT_POOL",
                 args.text_pool.clone(),
             )
-            .with_retries(args.max_attempts, args.retry_budget),
+            .with_retries(args.max_attempts, args.retry_budget)
+            .with_tls(pool_tls.clone()),
         );
         let multimodal = Arc::new(
             Pool::new(
@@ -90,7 +101,8 @@ impl GatewayServer {
                 "--multimodal-pool / MEDGEMMA_MULTIMODAL_POOL",
                 args.multimodal_pool.clone(),
             )
-            .with_retries(args.max_attempts, args.retry_budget),
+            .with_retries(args.max_attempts, args.retry_budget)
+            .with_tls(pool_tls.clone()),
         );
         let vision = Arc::new(
             Pool::new(
@@ -98,7 +110,8 @@ impl GatewayServer {
                 "--vision-pool / MEDGEMMA_VISION_POOL",
                 args.vision_pool.clone(),
             )
-            .with_retries(args.max_attempts, args.retry_budget),
+            .with_retries(args.max_attempts, args.retry_budget)
+            .with_tls(pool_tls.clone()),
         );
         let pools = vec![
             tokenizer.clone(),
@@ -127,6 +140,9 @@ impl GatewayServer {
             &[SERVICE_NAME],
             ServeOptions {
                 drain_timeout: args.drain_timeout,
+                tls: server_tls.clone(),
+                reflection: args.auth.reflection,
+                health_listen: args.tls.health_listen.clone(),
                 ..ServeOptions::default()
             },
         )
@@ -138,12 +154,17 @@ impl GatewayServer {
             });
         // A request is at most one image and the text fields: just above the image limit.
         let max_message_bytes = args.max_image_bytes + 4 * args.max_text_bytes + (64 << 10);
+        let client_ca = server_tls.is_some_and(|t| t.requires_client_cert());
+        let loopback = server.local_addr().ip().is_loopback();
+        let guard =
+            auth::Guard::from_args(&args.auth, loopback, client_ca).map_err(StartError::Config)?;
         Ok(Self {
             server,
             service,
             pools,
             resolve_interval: args.resolve_interval,
             max_message_bytes,
+            guard: Arc::new(guard),
         })
     }
 
@@ -163,11 +184,12 @@ impl GatewayServer {
             self.pools.clone(),
             self.resolve_interval,
         ));
-        let routes = Routes::new(
+        let routes = Routes::new(auth::Guarded::new(
             ClinicalTasksServer::new(self.service)
                 .max_decoding_message_size(self.max_message_bytes)
                 .max_encoding_message_size(medgemma_rpc::MAX_MESSAGE_BYTES),
-        );
+            self.guard,
+        ));
         let health = self.server.health();
         // Stateless: ready as soon as it accepts; NOT_SERVING while a pool has no healthy
         // replica. The watcher stops when the drain starts (the drain owns health then).

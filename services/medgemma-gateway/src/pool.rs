@@ -12,6 +12,8 @@
 //! queue are retried: a status that names the request as the cause (INVALID_ARGUMENT,
 //! INTERNAL from a replica that failed on it, ...) goes back to the caller.
 
+use std::collections::BTreeMap;
+#[cfg(test)]
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use medgemma_rpc::tls::ClientTls;
 use tokio::time::Instant;
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
@@ -93,15 +96,17 @@ pub struct Replica {
 }
 
 impl Replica {
-    fn new(addr: SocketAddr) -> Self {
+    /// A replica at `addr`; over TLS when `tls` is set, the server's certificate checked
+    /// against `host` (the target's name, not the address it resolved to).
+    fn new(addr: SocketAddr, host: &str, tls: Option<&ClientTls>) -> Self {
         // `SocketAddr` formats IPv6 with brackets, as a URI authority needs.
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .expect("a socket address is a valid authority")
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .keep_alive_while_idle(true);
+        let channel = medgemma_rpc::tls::channel_lazy(endpoint, tls, Some(host));
         Self {
             addr,
             channel,
@@ -149,6 +154,7 @@ pub struct Pool {
     next: AtomicUsize,
     max_attempts: usize,
     budget: RetryBudget,
+    tls: Option<ClientTls>,
 }
 
 impl Pool {
@@ -168,6 +174,7 @@ impl Pool {
             next: AtomicUsize::new(0),
             max_attempts: 3,
             budget: RetryBudget::new(0.2),
+            tls: None,
         }
     }
 
@@ -176,6 +183,13 @@ impl Pool {
     pub fn with_retries(mut self, max_attempts: u32, budget_ratio: f64) -> Self {
         self.max_attempts = max_attempts.max(1) as usize;
         self.budget = RetryBudget::new(budget_ratio);
+        self
+    }
+
+    /// Connects to the replicas over TLS (`None`: plaintext), each replica's certificate
+    /// checked against its target's host name.
+    pub fn with_tls(mut self, tls: Option<ClientTls>) -> Self {
+        self.tls = tls;
         self
     }
 
@@ -209,29 +223,35 @@ impl Pool {
             return;
         }
         let old = self.snapshot();
-        let mut addrs = BTreeSet::new();
+        // Each address with the host name of the target it came from (what TLS checks).
+        let mut addrs = BTreeMap::new();
         for target in &self.targets {
+            let host = target_host(target);
             match tokio::net::lookup_host(target.as_str()).await {
-                Ok(found) => addrs.extend(found),
+                Ok(found) => addrs.extend(found.map(|a| (a, host.clone()))),
                 Err(e) => {
                     tracing::warn!(pool = self.name, %target, error = %e, "cannot resolve; keeping its previous addresses");
                     if let Ok(port) = target.rsplit(':').next().unwrap_or_default().parse::<u16>() {
-                        addrs.extend(old.iter().map(|r| r.addr).filter(|a| a.port() == port));
+                        addrs.extend(
+                            old.iter()
+                                .filter(|r| r.addr.port() == port)
+                                .map(|r| (r.addr, host.clone())),
+                        );
                     }
                 }
             }
         }
-        let unchanged = addrs.len() == old.len() && old.iter().all(|r| addrs.contains(&r.addr));
+        let unchanged = addrs.len() == old.len() && old.iter().all(|r| addrs.contains_key(&r.addr));
         if unchanged {
             return;
         }
         let replicas: Vec<Arc<Replica>> = addrs
             .into_iter()
-            .map(|a| {
+            .map(|(a, host)| {
                 old.iter()
                     .find(|r| r.addr == a)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Replica::new(a)))
+                    .unwrap_or_else(|| Arc::new(Replica::new(a, &host, self.tls.as_ref())))
             })
             .collect();
         tracing::info!(pool = self.name, replicas = ?replicas.iter().map(|r| r.addr).collect::<Vec<_>>(), "pool membership changed");
@@ -370,6 +390,14 @@ pub async fn watch_pools(pools: Vec<Arc<Pool>>, health: medgemma_rpc::Health, in
             _ => {}
         }
     }
+}
+
+/// The host of a `host:port` target (IPv6 brackets removed).
+fn target_host(target: &str) -> String {
+    let host = target.rsplit_once(':').map_or(target, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned()
 }
 
 /// Re-resolves `pools` every `interval` until the task is dropped.

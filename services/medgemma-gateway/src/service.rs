@@ -14,6 +14,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::audit::{AuditNote, HasUsage};
 use crate::deadline::Deadline;
 use crate::error::GatewayError;
 use crate::tasks::{CallCtx, Deltas, Tasks};
@@ -160,6 +161,7 @@ async fn drain_expired(mut rx: watch::Receiver<bool>) {
 /// the task is dropped at once (which drops the generator stream, which cancels the
 /// sequence).
 fn stream_task<M, R, F, Fut>(
+    note: AuditNote,
     task: F,
     delta: fn(String) -> M,
     last: fn(R) -> M,
@@ -167,7 +169,7 @@ fn stream_task<M, R, F, Fut>(
 ) -> TaskStream<M>
 where
     M: Send + 'static,
-    R: Send + 'static,
+    R: HasUsage + Send + 'static,
     F: FnOnce(Deltas) -> Fut + Send + 'static,
     Fut: Future<Output = Result<R, GatewayError>> + Send + 'static,
 {
@@ -214,7 +216,10 @@ where
                 }
             }
             let msg = match result {
-                Ok(r) => Ok(last(r)),
+                Ok(r) => {
+                    note.usage(r.usage());
+                    Ok(last(r))
+                }
                 Err(e) => {
                     tracing::info!(error = %e, "task failed");
                     Err(Status::from(e))
@@ -248,8 +253,10 @@ impl ClinicalTasks for ClinicalTasksService {
         request: Request<pb::AskRequest>,
     ) -> Result<Response<pb::AskResponse>, Status> {
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::ask(request.into_inner(), &self.limits).map_err(fail)?;
         let r = self.tasks.ask(&ctx, task, None).await.map_err(fail)?;
+        note.usage(r.usage.as_ref());
         Ok(Response::new(r))
     }
 
@@ -261,9 +268,11 @@ impl ClinicalTasks for ClinicalTasksService {
     ) -> Result<Response<Self::AskStreamStream>, Status> {
         use pb::ask_stream_response::Event;
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::ask(request.into_inner(), &self.limits).map_err(fail)?;
         let tasks = self.tasks.clone();
         Ok(Response::new(stream_task(
+            note,
             move |d| async move { tasks.ask(&ctx, task, Some(&d)).await },
             |t| pb::AskStreamResponse {
                 event: Some(Event::TextDelta(t)),
@@ -280,8 +289,10 @@ impl ClinicalTasks for ClinicalTasksService {
         request: Request<pb::SummarizeClinicalNoteRequest>,
     ) -> Result<Response<pb::SummarizeClinicalNoteResponse>, Status> {
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::summarize(request.into_inner(), &self.limits).map_err(fail)?;
         let r = self.tasks.summarize(&ctx, task, None).await.map_err(fail)?;
+        note.usage(r.usage.as_ref());
         Ok(Response::new(r))
     }
 
@@ -293,9 +304,11 @@ impl ClinicalTasks for ClinicalTasksService {
     ) -> Result<Response<Self::SummarizeClinicalNoteStreamStream>, Status> {
         use pb::summarize_clinical_note_stream_response::Event;
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::summarize(request.into_inner(), &self.limits).map_err(fail)?;
         let tasks = self.tasks.clone();
         Ok(Response::new(stream_task(
+            note,
             move |d| async move { tasks.summarize(&ctx, task, Some(&d)).await },
             |t| pb::SummarizeClinicalNoteStreamResponse {
                 event: Some(Event::TextDelta(t)),
@@ -312,12 +325,14 @@ impl ClinicalTasks for ClinicalTasksService {
         request: Request<pb::AnswerMultipleChoiceRequest>,
     ) -> Result<Response<pb::AnswerMultipleChoiceResponse>, Status> {
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::multiple_choice(request.into_inner(), &self.limits).map_err(fail)?;
         let r = self
             .tasks
             .multiple_choice(&ctx, task, None)
             .await
             .map_err(fail)?;
+        note.usage(r.usage.as_ref());
         Ok(Response::new(r))
     }
 
@@ -329,9 +344,11 @@ impl ClinicalTasks for ClinicalTasksService {
     ) -> Result<Response<Self::AnswerMultipleChoiceStreamStream>, Status> {
         use pb::answer_multiple_choice_stream_response::Event;
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::multiple_choice(request.into_inner(), &self.limits).map_err(fail)?;
         let tasks = self.tasks.clone();
         Ok(Response::new(stream_task(
+            note,
             move |d| async move { tasks.multiple_choice(&ctx, task, Some(&d)).await },
             |t| pb::AnswerMultipleChoiceStreamResponse {
                 event: Some(Event::TextDelta(t)),
@@ -348,8 +365,10 @@ impl ClinicalTasks for ClinicalTasksService {
         request: Request<pb::DeidentifyRequest>,
     ) -> Result<Response<pb::DeidentifyResponse>, Status> {
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
         let task = validate::deidentify(request.into_inner(), &self.limits).map_err(fail)?;
         let r = self.tasks.deidentify(&ctx, task).await.map_err(fail)?;
+        note.usage(r.usage.as_ref());
         Ok(Response::new(r))
     }
 
@@ -358,8 +377,13 @@ impl ClinicalTasks for ClinicalTasksService {
         request: Request<pb::DraftRadiologyReportRequest>,
     ) -> Result<Response<pb::DraftRadiologyReportResponse>, Status> {
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
+        if let Some(image) = &request.get_ref().image {
+            note.image(&image.data);
+        }
         let task = validate::report(request.into_inner(), &self.limits).map_err(fail)?;
         let r = self.tasks.report(&ctx, task, None).await.map_err(fail)?;
+        note.usage(r.usage.as_ref());
         Ok(Response::new(r))
     }
 
@@ -371,9 +395,14 @@ impl ClinicalTasks for ClinicalTasksService {
     ) -> Result<Response<Self::DraftRadiologyReportStreamStream>, Status> {
         use pb::draft_radiology_report_stream_response::Event;
         let ctx = self.ctx(&request);
+        let note = AuditNote::of(&request);
+        if let Some(image) = &request.get_ref().image {
+            note.image(&image.data);
+        }
         let task = validate::report(request.into_inner(), &self.limits).map_err(fail)?;
         let tasks = self.tasks.clone();
         Ok(Response::new(stream_task(
+            note,
             move |d| async move { tasks.report(&ctx, task, Some(&d)).await },
             |t| pb::DraftRadiologyReportStreamResponse {
                 event: Some(Event::TextDelta(t)),
@@ -401,6 +430,12 @@ mod tests {
         (s, drain)
     }
 
+    impl HasUsage for String {
+        fn usage(&self) -> Option<&medgemma_proto::gateway::v1::Usage> {
+            None
+        }
+    }
+
     async fn all(stream: TaskStream<String>) -> Vec<Result<String, Status>> {
         tokio::time::timeout(Duration::from_secs(10), stream.collect::<Vec<_>>())
             .await
@@ -411,6 +446,7 @@ mod tests {
     async fn a_finished_task_ends_ok_after_its_response() {
         let (s, _drain) = settings(Duration::from_secs(5));
         let stream = stream_task(
+            AuditNote::default(),
             |d: Deltas| async move {
                 d.send("a".into()).await.unwrap();
                 Ok::<_, GatewayError>("done".to_owned())
@@ -427,6 +463,7 @@ mod tests {
     async fn a_task_that_panics_after_output_ends_with_internal_not_ok() {
         let (s, _drain) = settings(Duration::from_secs(5));
         let stream = stream_task(
+            AuditNote::default(),
             |d: Deltas| async move {
                 d.send("partial".into()).await.unwrap();
                 tokio::task::yield_now().await;
@@ -450,6 +487,7 @@ mod tests {
         let (s, _drain) = settings(Duration::from_millis(200));
         let (dropped_tx, dropped_rx) = tokio::sync::oneshot::channel::<()>();
         let stream = stream_task(
+            AuditNote::default(),
             move |d: Deltas| async move {
                 let _guard = dropped_tx; // Dropped when the task is.
                 for i in 0.. {
@@ -479,6 +517,7 @@ mod tests {
     async fn an_expired_drain_ends_running_streams_with_unavailable() {
         let (s, drain) = settings(Duration::from_secs(5));
         let stream = stream_task(
+            AuditNote::default(),
             |d: Deltas| async move {
                 d.send("started".into()).await.unwrap();
                 std::future::pending::<()>().await;

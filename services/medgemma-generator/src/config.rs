@@ -94,6 +94,9 @@ pub struct GeneratorArgs {
     /// exits non-zero (70) for its orchestrator to restart it.
     #[arg(long, env = "MEDGEMMA_WATCHDOG_GRACE_S", default_value_t = 30)]
     pub watchdog_grace_s: u64,
+    /// TLS, and mTLS with --tls-client-ca (production: only the gateway's certificate).
+    #[command(flatten)]
+    pub tls: medgemma_rpc::tls::ServerTlsArgs,
 }
 
 /// Default drain bound: above the longest generation the defaults allow (4096 new tokens at
@@ -121,6 +124,10 @@ pub struct GeneratorConfig {
     pub max_constraint_bytes: usize,
     /// How the model thread's health is judged.
     pub watchdog: WatchdogOptions,
+    /// TLS of the listener (`None`: plaintext).
+    pub tls: Option<medgemma_rpc::tls::ServerTls>,
+    /// The plaintext health-only listener (`--health-listen`).
+    pub health_listen: Option<String>,
 }
 
 impl GeneratorConfig {
@@ -138,6 +145,8 @@ impl GeneratorConfig {
             max_new_tokens_limit: 4096,
             max_constraint_bytes: 64 << 10,
             watchdog: WatchdogOptions::default(),
+            tls: None,
+            health_listen: None,
         }
     }
 
@@ -229,6 +238,8 @@ impl GeneratorArgs {
                 exit_after: Some(Duration::from_secs(self.watchdog_grace_s)),
                 ..WatchdogOptions::default()
             },
+            tls: None,
+            health_listen: None,
         }
     }
 

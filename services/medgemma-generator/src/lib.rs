@@ -81,6 +81,8 @@ pub async fn serve(
 ) -> Result<RunningGenerator, GeneratorError> {
     let options = ServeOptions {
         drain_timeout: config.drain_timeout,
+        tls: config.tls.clone(),
+        health_listen: config.health_listen.clone(),
         ..ServeOptions::default()
     };
     let service = GeneratorService::new(config)?;
@@ -105,7 +107,12 @@ pub async fn launch(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<RunningGenerator, GeneratorError> {
-    let config = args.config();
+    let mut config = args.config();
+    config.tls = args
+        .tls
+        .load()
+        .map_err(|e| GeneratorError::Config(e.to_string()))?;
+    config.health_listen.clone_from(&args.tls.health_listen);
     config.validate()?;
     tracing::info!(
         listen = %args.listen,

@@ -43,6 +43,8 @@ pub enum SuiteError {
     Vision(#[from] medgemma_vision::VisionError),
     #[error("a loading thread failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("tls: {0}")]
+    Tls(#[from] medgemma_rpc::tls::TlsError),
 }
 
 /// How to start the suite.
@@ -67,6 +69,39 @@ pub struct SuiteOptions {
     pub queue_capacity: usize,
     /// Sequences each generator runs at once (continuous batching).
     pub max_running: usize,
+    /// TLS on every hop (`None`: plaintext on loopback): the backends require the gateway's
+    /// client certificate (mTLS), the gateway serves TLS with the same certificate.
+    pub tls: Option<SuiteTls>,
+}
+
+/// The certificate files of a suite run with TLS (`medgemma up --tls`, from a
+/// [`medgemma_rpc::tls::DevCa`]).
+#[derive(Debug, Clone)]
+pub struct SuiteTls {
+    /// Every server's certificate and key, and the CA clients of the backends must chain to.
+    pub server: medgemma_rpc::tls::ServerTlsFiles,
+    /// The gateway's side towards the backends: the CA and its client certificate.
+    pub client: medgemma_rpc::tls::ClientTlsFiles,
+}
+
+impl SuiteTls {
+    fn backend(&self) -> Result<medgemma_rpc::tls::ServerTls, SuiteError> {
+        Ok(medgemma_rpc::tls::ServerTls::load(
+            self.server.clone(),
+            Duration::from_secs(10),
+        )?)
+    }
+
+    /// Points the gateway's flags at these files.
+    fn apply(&self, args: &mut GatewayArgs) {
+        args.tls.tls_cert = Some(self.server.cert.clone());
+        args.tls.tls_key = Some(self.server.key.clone());
+        args.pool_tls.tls_ca = Some(self.client.ca.clone());
+        if let Some((cert, key)) = &self.client.identity {
+            args.pool_tls.tls_client_cert = Some(cert.clone());
+            args.pool_tls.tls_client_key = Some(key.clone());
+        }
+    }
 }
 
 impl Default for SuiteOptions {
@@ -81,6 +116,7 @@ impl Default for SuiteOptions {
             drain_timeout: Duration::from_secs(8),
             queue_capacity: GeneratorConfig::new("").queue_capacity,
             max_running: GeneratorConfig::new("").scheduler.max_running,
+            tls: None,
         }
     }
 }
@@ -245,6 +281,7 @@ impl Suite {
         let any = format!("{}:0", options.host);
         let serve_opts = medgemma_rpc::ServeOptions {
             drain_timeout: options.drain_timeout,
+            tls: options.tls.as_ref().map(SuiteTls::backend).transpose()?,
             ..medgemma_rpc::ServeOptions::default()
         };
 
@@ -283,6 +320,9 @@ impl Suite {
         );
         args.disclaimer.clone_from(&options.disclaimer);
         args.drain_timeout = options.drain_timeout;
+        if let Some(tls) = &options.tls {
+            tls.apply(&mut args);
+        }
         let gateway = start_gateway(args).await?;
         Ok(Self {
             tokenizer,
@@ -374,6 +414,7 @@ pub async fn start_generator(
     config.drain_timeout = options.drain_timeout;
     config.queue_capacity = options.queue_capacity;
     config.scheduler.max_running = options.max_running;
+    config.tls = options.tls.as_ref().map(SuiteTls::backend).transpose()?;
     config.validate()?;
     let (stop, stopped) = stopper();
     let running: RunningGenerator = medgemma_generator::serve(config, listen, stopped).await?;

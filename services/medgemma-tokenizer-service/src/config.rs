@@ -39,6 +39,9 @@ pub struct TokenizerArgs {
     /// Seconds in-flight calls may run after SIGTERM before their connections are closed.
     #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT_S", default_value_t = 10)]
     pub drain_timeout_s: u64,
+    /// TLS, and mTLS with --tls-client-ca (production: only the gateway's certificate).
+    #[command(flatten)]
+    pub tls: medgemma_rpc::tls::ServerTlsArgs,
 }
 
 impl TokenizerArgs {
@@ -66,7 +69,8 @@ impl TokenizerArgs {
         if let Some(note) = encoder.template().fallback_notice() {
             tracing::info!("{note}");
         }
-        Ok(TokenizerService::new(encoder, tokens_per_image).with_max_image_tokens(self.max_image_tokens))
+        Ok(TokenizerService::new(encoder, tokens_per_image)
+            .with_max_image_tokens(self.max_image_tokens))
     }
 }
 

@@ -58,10 +58,13 @@ pub async fn launch(
         tokens_per_image = args.tokens_per_image,
         "starting tokenizer service"
     );
-    let options = ServeOptions {
+    let mut options = ServeOptions {
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout_s),
         ..ServeOptions::default()
     };
+    args.tls
+        .apply(&mut options)
+        .map_err(|e| TokenizerServiceError::Config(e.to_string()))?;
     let listen = args.listen.clone();
     let service = tokio::task::spawn_blocking(move || args.load())
         .await

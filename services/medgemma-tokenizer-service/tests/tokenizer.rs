@@ -26,6 +26,7 @@ fn service() -> Option<TokenizerService> {
                 tokens_per_image: 256,
                 max_image_tokens: 16_384,
                 drain_timeout_s: 1,
+                tls: Default::default(),
             };
             Some(args.load().unwrap())
         })

@@ -87,6 +87,9 @@ pub struct VisionArgs {
     /// exits non-zero (70) for its orchestrator to restart it.
     #[arg(long, env = "MEDGEMMA_WATCHDOG_GRACE_S", default_value_t = 30)]
     pub watchdog_grace_s: u64,
+    /// TLS, and mTLS with --tls-client-ca (production: only the gateway's certificate).
+    #[command(flatten)]
+    pub tls: medgemma_rpc::tls::ServerTlsArgs,
 }
 
 impl VisionArgs {

@@ -66,11 +66,14 @@ pub async fn launch(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<RunningVision, VisionServiceError> {
     args.validate()?;
-    let options = ServeOptions {
+    let mut options = ServeOptions {
         drain_timeout: std::time::Duration::from_secs(args.drain_timeout_s),
         watchdog: args.watchdog(),
         ..ServeOptions::default()
     };
+    args.tls
+        .apply(&mut options)
+        .map_err(|e| VisionServiceError::Config(e.to_string()))?;
     let listen = args.listen.clone();
     let service = tokio::task::spawn_blocking(move || args.load())
         .await

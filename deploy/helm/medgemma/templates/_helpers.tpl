@@ -233,6 +233,7 @@ spec:
             {{- range .args }}
             - {{ . | quote }}
             {{- end }}
+            {{- include "medgemma.securityArgs" (dict "root" $root "name" $name) | nindent 12 }}
             {{- range $c.extraArgs }}
             - {{ . | quote }}
             {{- end }}
@@ -258,6 +259,11 @@ spec:
             - name: grpc
               containerPort: {{ $c.port }}
               protocol: TCP
+            {{- if $root.Values.tls.enabled }}
+            - name: health
+              containerPort: {{ $root.Values.tls.healthPort }}
+              protocol: TCP
+            {{- end }}
             {{- if $root.Values.metrics.enabled }}
             - name: metrics
               containerPort: {{ $root.Values.metrics.port }}
@@ -267,19 +273,19 @@ spec:
           # once a drain has begun.
           startupProbe:
             grpc:
-              port: {{ $c.port }}
+              port: {{ ternary $root.Values.tls.healthPort $c.port $root.Values.tls.enabled }}
             periodSeconds: {{ $c.probes.startup.periodSeconds }}
             failureThreshold: {{ $c.probes.startup.failureThreshold }}
             timeoutSeconds: 2
           readinessProbe:
             grpc:
-              port: {{ $c.port }}
+              port: {{ ternary $root.Values.tls.healthPort $c.port $root.Values.tls.enabled }}
             periodSeconds: {{ $c.probes.readiness.periodSeconds }}
             failureThreshold: {{ $c.probes.readiness.failureThreshold }}
             timeoutSeconds: 2
           livenessProbe:
             grpc:
-              port: {{ $c.port }}
+              port: {{ ternary $root.Values.tls.healthPort $c.port $root.Values.tls.enabled }}
             periodSeconds: {{ $c.probes.liveness.periodSeconds }}
             failureThreshold: {{ $c.probes.liveness.failureThreshold }}
             timeoutSeconds: 5
@@ -315,6 +321,11 @@ spec:
             {{- if $root.Values.tls.enabled }}
             - name: tls
               mountPath: {{ $root.Values.tls.mountPath }}
+              readOnly: true
+            {{- end }}
+            {{- if and (eq $name "gateway") $root.Values.auth.apiKeysSecret }}
+            - name: api-keys
+              mountPath: {{ $root.Values.auth.mountPath }}
               readOnly: true
             {{- end }}
       volumes:
@@ -373,6 +384,15 @@ spec:
           secret:
             secretName: {{ required "tls.secretName is required when tls.enabled" $root.Values.tls.secretName }}
             defaultMode: 0440
+        {{- end }}
+        {{- if and (eq $name "gateway") $root.Values.auth.apiKeysSecret }}
+        - name: api-keys
+          secret:
+            secretName: {{ $root.Values.auth.apiKeysSecret }}
+            defaultMode: 0440
+            items:
+              - key: {{ $root.Values.auth.apiKeysKey }}
+                path: keys.json
         {{- end }}
 ---
 apiVersion: v1
@@ -452,4 +472,34 @@ spec:
         target:
           type: Utilization
           averageUtilization: {{ .c.autoscaling.targetCPUUtilizationPercentage }}
+{{- end -}}
+
+{{/* The TLS, mTLS and auth flags of one component (a YAML list of args). */}}
+{{- define "medgemma.securityArgs" -}}
+{{- $root := .root -}}
+{{- $tls := $root.Values.tls -}}
+{{- $args := list -}}
+{{- if $tls.enabled -}}
+{{- $args = concat $args (list "--tls-cert" (printf "%s/tls.crt" $tls.mountPath) "--tls-key" (printf "%s/tls.key" $tls.mountPath) "--tls-reload-secs" (toString $tls.reloadSeconds) "--health-listen" (printf "%s:%v" $root.Values.listenHost $tls.healthPort)) -}}
+{{- if eq .name "gateway" -}}
+{{- $args = concat $args (list "--tls-ca" (printf "%s/ca.crt" $tls.mountPath) "--tls-client-cert" (printf "%s/tls.crt" $tls.mountPath) "--tls-client-key" (printf "%s/tls.key" $tls.mountPath)) -}}
+{{- else -}}
+{{- $args = concat $args (list "--tls-client-ca" (printf "%s/ca.crt" $tls.mountPath)) -}}
+{{- end -}}
+{{- end -}}
+{{- if eq .name "gateway" -}}
+{{- $auth := $root.Values.auth -}}
+{{- if $auth.apiKeysSecret -}}
+{{- $args = concat $args (list "--api-keys" (printf "%s/keys.json" $auth.mountPath)) -}}
+{{- else -}}
+{{- $args = concat $args (list "--auth" "none") -}}
+{{- end -}}
+{{- with $auth.auditLog -}}
+{{- $args = concat $args (list "--audit-log" .) -}}
+{{- end -}}
+{{- $args = concat $args (list "--reflection" (toString $auth.reflection)) -}}
+{{- end -}}
+{{- range $args }}
+- {{ . | quote }}
+{{- end -}}
 {{- end -}}
