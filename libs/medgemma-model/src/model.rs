@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{LayerType, ModelConfig, MultimodalConfig, RopeParams};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig, SequenceKv};
+use crate::paged::{PagedBatch, SeqPlan};
 use crate::layers::{
     Attention, Batch, Layer, MaskBlocks, MaskSpec, Mlp, Projections, RmsNorm, SeqRows,
     image_groups, kind_index,
@@ -613,12 +614,13 @@ impl Gemma3 {
         let image = self.image_token();
         let mut positions = Vec::new();
         let mut rows = Vec::with_capacity(batch.len());
+        let mut all_groups = Vec::with_capacity(batch.len());
         for item in batch {
             let (start, n) = (item.kv.len(), item.tokens.len());
             let groups = image_groups(item.tokens, image);
             let mut masks: [MaskBlocks; 2] = Default::default();
             for kind in [LayerType::Sliding, LayerType::Global] {
-                if n > 0 && t.layer_types.contains(&kind) {
+                if n > 0 && t.layer_types.contains(&kind) && !kv.is_paged() {
                     masks[kind_index(kind)] = MaskSpec {
                         start,
                         n,
@@ -636,6 +638,41 @@ impl Gemma3 {
                 masks,
             });
             positions.extend(start..start + n);
+            all_groups.push(groups);
+        }
+        let mut paged: [Option<PagedBatch>; 2] = [None, None];
+        if kv.is_paged() {
+            for kind in [LayerType::Sliding, LayerType::Global] {
+                if !t.layer_types.contains(&kind) {
+                    continue;
+                }
+                let plans: Vec<SeqPlan<'_>> = batch
+                    .iter()
+                    .zip(&rows)
+                    .zip(&all_groups)
+                    .map(|((item, r), groups)| {
+                        let (first, table) = kv.table(item.kv, kind);
+                        SeqPlan {
+                            offset: r.offset,
+                            n: r.n,
+                            start: r.start,
+                            groups,
+                            first,
+                            table,
+                        }
+                    })
+                    .collect();
+                let window = match kind {
+                    LayerType::Sliding => t.sliding_window,
+                    LayerType::Global => 0,
+                };
+                paged[kind_index(kind)] = Some(PagedBatch::build(
+                    &plans,
+                    window,
+                    kv.block_size(),
+                    &self.device,
+                )?);
+            }
         }
         Ok(Batch {
             total: positions.len(),
@@ -644,6 +681,7 @@ impl Gemma3 {
                 self.rope_tables(&positions, &self.inv_freq_local)?,
                 self.rope_tables(&positions, &self.inv_freq_global)?,
             ],
+            paged,
         })
     }
 

@@ -73,6 +73,7 @@ fn greedy_cached_with(
     let mut kv = m.new_kv_cache(KvCacheConfig {
         block_size,
         max_bytes: None,
+        paged_blocks: None,
     });
     let mut s = kv.new_sequence();
     let mut out = Vec::new();
@@ -158,6 +159,7 @@ fn chunked_prefill_equals_one_shot_prefill() {
         let mut kv = m.new_kv_cache(KvCacheConfig {
             block_size: bs,
             max_bytes: None,
+            paged_blocks: None,
         });
         let mut s = kv.new_sequence();
         let mut rows = Vec::new();
@@ -204,6 +206,7 @@ fn kv_cached_decode_equals_full_recompute() {
     let mut kv = m.new_kv_cache(KvCacheConfig {
         block_size: 4,
         max_bytes: None,
+        paged_blocks: None,
     });
     let mut s = kv.new_sequence();
     let mut next = seq.clone();

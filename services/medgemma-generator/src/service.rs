@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use medgemma_engine::constraint::ConstraintSpec;
 use medgemma_engine::generate::{FinishReason as EngineFinish, GenerationRequest};
 use medgemma_engine::sampling::{MAX_TOP_LOGPROBS, Sampled, SamplingParams};
-use medgemma_model::Gemma3;
+use medgemma_model::{Gemma3, KvCacheConfig};
 use medgemma_proto::generation::v1 as pb;
 use medgemma_proto::generation::v1::generator_server::{Generator, GeneratorServer};
 use medgemma_rpc::FieldViolation;
@@ -44,6 +44,8 @@ struct Ready {
     jobs: mpsc::UnboundedSender<Job>,
     stats: Arc<WorkerStats>,
     info: ModelInfo,
+    /// The KV byte limit in force (the configured one, or the memory plan's).
+    kv_limit: Option<usize>,
 }
 
 struct Inner {
@@ -91,6 +93,18 @@ impl GeneratorService {
         model: Arc<Gemma3>,
         tokenizer: Arc<Tokenizer>,
     ) -> Result<(), GeneratorError> {
+        self.start_with(model, tokenizer, None).await
+    }
+
+    /// As [`GeneratorService::start`], with the KV cache configuration of a memory plan in
+    /// place of the configured one.
+    pub async fn start_with(
+        &self,
+        model: Arc<Gemma3>,
+        tokenizer: Arc<Tokenizer>,
+        kv: Option<KvCacheConfig>,
+    ) -> Result<(), GeneratorError> {
+        let kv = kv.unwrap_or(self.inner.config.kv_cache);
         if self.inner.ready.get().is_some() {
             return Err(GeneratorError::Config(
                 "the generator is already started".into(),
@@ -113,7 +127,7 @@ impl GeneratorService {
         let warm = worker::spawn(
             model,
             tokenizer,
-            self.inner.config.kv_cache,
+            kv,
             self.inner.config.scheduler,
             rx,
             stats.clone(),
@@ -134,6 +148,7 @@ impl GeneratorService {
                 jobs: tx,
                 stats,
                 info,
+                kv_limit: kv.max_bytes,
             })
             .map_err(|_| GeneratorError::Config("the generator is already started".into()))
     }
@@ -161,6 +176,7 @@ impl GeneratorService {
             ..Default::default()
         };
         if let Some(r) = self.inner.ready.get() {
+            out.kv_bytes_limit = r.kv_limit.unwrap_or(0) as u64;
             let e = r.stats.engine();
             let in_system = r.stats.in_system.load(Ordering::Relaxed);
             out.active_sequences = e.running as u32;
