@@ -16,9 +16,9 @@
 #   tools/device/check.sh [--out DIR] [--dry-run]
 #
 # --dry-run (CI, no GPU): every step but the device ones: the toolkit is installed and the
-# CUDA build type-checks (cargo check --features cuda), the CPU tests of what is
-# CUDA-specific run, and the benchmark runs its whole pipeline on the CPU on a tiny shape,
-# writing the same files.
+# CUDA build passes clippy (--features cuda, candle-kernels' PTX compiled), NVRTC compiles
+# our kernels, the CPU tests of what is CUDA-specific run, and the benchmark runs its whole
+# pipeline on the CPU on a tiny shape, writing the same files.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$(pwd)
@@ -76,10 +76,15 @@ if [ -n "${CUDA_ROOT:-}" ]; then
   note "CUDA toolkit: $CUDA_ROOT ($(nvcc --version | tail -1))"
 else
   step "CUDA toolkit from PyPI (tools/cuda/requirements.txt)"
-  # shellcheck source=../cuda/env.sh
+  # shellcheck source=/dev/null
   source tools/cuda/env.sh
   note "CUDA toolkit: $CUDA_ROOT"
 fi
+
+# Our kernels through NVRTC, as the binaries compile them at start-up (no GPU needed).
+nvrtc=$(find -L "$CUDA_ROOT" -name "libnvrtc.so*" 2>/dev/null | sort | head -1)
+step "NVRTC compiles the paged-attention kernels ($nvrtc)"
+python3 tools/device/nvrtc_check.py --nvrtc "$nvrtc" 2>&1 | tee "$out/nvrtc.log" >&2
 
 # A target directory of its own: --features cuda must not invalidate the CPU build.
 export CARGO_TARGET_DIR="${MEDGEMMA_CUDA_TARGET_DIR:-$HOME/.cache/medgemma-serve/target-cuda}"

@@ -264,7 +264,11 @@ impl KvCache {
         let block_size = cfg.block_size.max(1);
         let pool = cfg
             .paged_blocks
-            .or_else(|| device.is_cuda().then(|| default_paged_blocks(text, dtype, cfg)))
+            .or_else(|| {
+                device
+                    .is_cuda()
+                    .then(|| default_paged_blocks(text, dtype, cfg))
+            })
             .map(|blocks| Pool {
                 blocks,
                 tensors: Vec::new(),
@@ -509,11 +513,13 @@ impl KvCache {
     pub fn can_reserve(&self, seq: &SequenceKv, n: usize) -> bool {
         let end = seq.len + n;
         let pools_fit = self.pool.as_ref().is_none_or(|p| {
-            (0..2).filter(|&s| !self.stores[s].layers.is_empty()).all(|s| {
-                let next = self.next_block_start(seq, s);
-                let need = end.saturating_sub(next).div_ceil(self.cfg.block_size);
-                self.stores[s].in_use + need <= p.blocks[s]
-            })
+            (0..2)
+                .filter(|&s| !self.stores[s].layers.is_empty())
+                .all(|s| {
+                    let next = self.next_block_start(seq, s);
+                    let need = end.saturating_sub(next).div_ceil(self.cfg.block_size);
+                    self.stores[s].in_use + need <= p.blocks[s]
+                })
         });
         pools_fit
             && self
@@ -530,6 +536,19 @@ impl KvCache {
         let blocks = positions.div_ceil(bs);
         let sliding = blocks.min((self.window + chunk).div_ceil(bs) + 1);
         sliding * self.store_block_bytes(0) + blocks * self.store_block_bytes(1)
+    }
+
+    /// Whether a sequence of `positions` computed in chunks of at most `chunk` fits the pools of
+    /// a paged cache when it runs alone (always true for the CPU layout).
+    pub fn fits_pools(&self, positions: usize, chunk: usize) -> bool {
+        let Some(p) = &self.pool else {
+            return true;
+        };
+        let bs = self.cfg.block_size;
+        let blocks = positions.div_ceil(bs);
+        let sliding = blocks.min((self.window + chunk).div_ceil(bs) + 1);
+        (self.stores[0].layers.is_empty() || sliding <= p.blocks[0])
+            && (self.stores[1].layers.is_empty() || blocks <= p.blocks[1])
     }
 
     /// Drops recycled blocks so their memory returns to the allocator.

@@ -171,9 +171,9 @@ impl Attention {
         kv: &KvCache,
     ) -> Result<Tensor> {
         kv.write_paged(li, k, v, pb)?;
-        let (kp, vp) = kv
-            .pool(li)
-            .ok_or_else(|| crate::error::ModelError::InvalidInput("paged KV pool missing".into()))?;
+        let (kp, vp) = kv.pool(li).ok_or_else(|| {
+            crate::error::ModelError::InvalidInput("paged KV pool missing".into())
+        })?;
         let dims = crate::paged::AttnDims {
             heads: self.heads,
             kv_heads: self.kv_heads,

@@ -25,8 +25,8 @@ mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use config::{LayerType, ModelConfig, MultimodalConfig, RopeParams, TextConfig};
-pub use error::{ModelError, Result};
 pub use device::DeviceSpec;
+pub use error::{ModelError, Result};
 pub use kv_cache::{
     CpuRows, DEFAULT_BLOCK_SIZE, DEFAULT_PAGED_KV_BYTES, KvCache, KvCacheConfig, SequenceKv,
 };

@@ -356,13 +356,27 @@ mod tests {
         assert_eq!(q4.embedding, t.vocab_size * 5376 / 256 * 210);
         assert_eq!(q4.norms, bf16.norms);
         let gb = |b: usize| b as f64 / 1e9;
-        assert!((53.0..56.0).contains(&gb(bf16.total())), "{}", gb(bf16.total()));
+        assert!(
+            (53.0..56.0).contains(&gb(bf16.total())),
+            "{}",
+            gb(bf16.total())
+        );
         assert!((15.0..17.0).contains(&gb(q4.total())), "{}", gb(q4.total()));
     }
 
     fn input(t: &TextConfig, total_gib: f64, weights: usize, util: f64) -> PlanInput {
         let total = (total_gib * GIB) as usize;
-        PlanInput::for_model(t, total, weights + (300 << 20), weights, util, 2, 16, 64, 512)
+        PlanInput::for_model(
+            t,
+            total,
+            weights + (300 << 20),
+            weights,
+            util,
+            2,
+            16,
+            64,
+            512,
+        )
     }
 
     /// The README's figures (printed with `--nocapture`): a 27B in bf16 on one 80 GB device,
@@ -384,7 +398,10 @@ mod tests {
         assert!(p.max_batch_at_4k >= 4, "{p}");
         // bf16 on one 24 GB device does not fit: a clear error naming the flag.
         let e = plan(&input(&t, 24.0, bf16, 0.9)).unwrap_err().to_string();
-        assert!(e.contains("--gpu-memory-utilization") && e.contains("q4k"), "{e}");
+        assert!(
+            e.contains("--gpu-memory-utilization") && e.contains("q4k"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -408,13 +425,19 @@ mod tests {
         // ... 10,000 do not.
         p.max_running = 10_000;
         let s_bytes = split_blocks(28 << 30, &p)[0] * p.block_bytes[0];
-        assert!((s_bytes as f64 - want).abs() <= p.block_bytes[0] as f64, "{s_bytes} {want}");
+        assert!(
+            (s_bytes as f64 - want).abs() <= p.block_bytes[0] as f64,
+            "{s_bytes} {want}"
+        );
         // Never more sliding blocks than every running sequence can hold.
         p.max_running = 2;
         assert_eq!(split_blocks(28 << 30, &p)[0], 2 * per_seq);
         p.max_running = 64;
         assert_eq!(pl.token_capacity, pl.blocks[1] * 16);
-        assert_eq!(pl.max_context, t.max_position_embeddings.min(pl.token_capacity));
+        assert_eq!(
+            pl.max_context,
+            t.max_position_embeddings.min(pl.token_capacity)
+        );
         for bad in [0.0, -0.1, 1.01, f64::NAN] {
             p.utilization = bad;
             assert!(kv_budget(&p).is_err(), "{bad}");

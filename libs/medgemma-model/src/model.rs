@@ -14,11 +14,11 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::{LayerType, ModelConfig, MultimodalConfig, RopeParams};
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvCacheConfig, SequenceKv};
-use crate::paged::{PagedBatch, SeqPlan};
 use crate::layers::{
     Attention, Batch, Layer, MaskBlocks, MaskSpec, Mlp, Projections, RmsNorm, SeqRows,
     image_groups, kind_index,
 };
+use crate::paged::{PagedBatch, SeqPlan};
 use crate::weights::{
     Embedding, GgufSource, HfSource, LayerWeight, Linear, Quantize, Raw, SafetensorsCheckpoint,
     WeightName, WeightSource, write_gguf_cache,

@@ -432,40 +432,42 @@ fn cpu_attention<T: Elem>(q: &[T], k: &[T], v: &[T], b: &PagedBatch, d: AttnDims
     let (total, nh, kvh, hd) = (b.total, d.heads, d.kv_heads, d.head_dim);
     let group = nh / kvh;
     let mut out = vec![T::from(0.0); total * nh * hd];
-    out.par_chunks_mut(nh * hd).enumerate().for_each(|(r, row)| {
-        let KeyRange { lo, hi } = key_range(b, r);
-        let keys: Vec<(usize, usize)> = (lo..hi)
-            .filter(|&kp| visible(b, r, kp))
-            .map(|kp| (kp, key_slot(b, r, kp)))
-            .collect();
-        let mut p = vec![0f32; keys.len()];
-        for h in 0..nh {
-            let g = h / group;
-            let qh = &q[(h * total + r) * hd..(h * total + r + 1) * hd];
-            for (j, &(_, slot)) in keys.iter().enumerate() {
-                let kr = &k[(slot * kvh + g) * hd..(slot * kvh + g + 1) * hd];
-                let dot: f32 = qh.iter().zip(kr).map(|(a, b)| a.f() * b.f()).sum();
-                p[j] = dot * d.scale;
-            }
-            let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in p.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let mut acc = vec![0f32; hd];
-            for (j, &(_, slot)) in keys.iter().enumerate() {
-                let vr = &v[(slot * kvh + g) * hd..(slot * kvh + g + 1) * hd];
-                let w = p[j] / sum;
-                for (a, x) in acc.iter_mut().zip(vr) {
-                    *a += w * x.f();
+    out.par_chunks_mut(nh * hd)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let KeyRange { lo, hi } = key_range(b, r);
+            let keys: Vec<(usize, usize)> = (lo..hi)
+                .filter(|&kp| visible(b, r, kp))
+                .map(|kp| (kp, key_slot(b, r, kp)))
+                .collect();
+            let mut p = vec![0f32; keys.len()];
+            for h in 0..nh {
+                let g = h / group;
+                let qh = &q[(h * total + r) * hd..(h * total + r + 1) * hd];
+                for (j, &(_, slot)) in keys.iter().enumerate() {
+                    let kr = &k[(slot * kvh + g) * hd..(slot * kvh + g + 1) * hd];
+                    let dot: f32 = qh.iter().zip(kr).map(|(a, b)| a.f() * b.f()).sum();
+                    p[j] = dot * d.scale;
+                }
+                let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for x in p.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let mut acc = vec![0f32; hd];
+                for (j, &(_, slot)) in keys.iter().enumerate() {
+                    let vr = &v[(slot * kvh + g) * hd..(slot * kvh + g + 1) * hd];
+                    let w = p[j] / sum;
+                    for (a, x) in acc.iter_mut().zip(vr) {
+                        *a += w * x.f();
+                    }
+                }
+                for (o, a) in row[h * hd..(h + 1) * hd].iter_mut().zip(acc) {
+                    *o = T::from(a);
                 }
             }
-            for (o, a) in row[h * hd..(h + 1) * hd].iter_mut().zip(acc) {
-                *o = T::from(a);
-            }
-        }
-    });
+        });
     out
 }
 
@@ -567,6 +569,8 @@ pub fn kernel_suffix(dtype: DType) -> Result<&'static str> {
 pub const KERNELS: &str = r#"
 typedef unsigned int u32;
 typedef unsigned short u16;
+// NVRTC has no math headers: -inf by its bits.
+#define NEG_INF (__int_as_float(0xff800000))
 
 __device__ __forceinline__ float ld(const float* p, u32 i) { return p[i]; }
 __device__ __forceinline__ float ld(const u16* p, u32 i) {
@@ -650,11 +654,11 @@ __device__ void paged_attention(
 
     float acc[MAX_PER_THREAD];
     for (int i = 0; i < MAX_PER_THREAD; ++i) acc[i] = 0.f;
-    float m = -INFINITY, l = 0.f;
+    float m = NEG_INF, l = 0.f;
 
     for (u32 t0 = lo; t0 < hi; t0 += nt) {
         const u32 k = t0 + t;
-        float sc = -INFINITY;
+        float sc = NEG_INF;
         u32 sl = 0u;
         if (k < hi) {
             bool vis = (window == 0u || pos < k + window) &&
@@ -671,10 +675,10 @@ __device__ void paged_attention(
         ps[t] = sc;
         slot[t] = sl;
         const float tmax = block_reduce(sc, scratch, true);
-        if (tmax == -INFINITY) continue;
+        if (tmax == NEG_INF) continue;
         const float mnew = fmaxf(m, tmax);
         const float corr = __expf(m - mnew);
-        const float p = sc == -INFINITY ? 0.f : __expf(sc - mnew);
+        const float p = sc == NEG_INF ? 0.f : __expf(sc - mnew);
         ps[t] = p;
         const float tsum = block_reduce(p, scratch, false);
         l = l * corr + tsum;
@@ -855,7 +859,7 @@ mod tests {
         )?;
         let f = |n: usize, seed: f32| -> Result<Tensor> {
             let v: Vec<f32> = (0..kvh * n * hd)
-                .map(|i| ((i as f32 * 0.37 + seed).sin()))
+                .map(|i| (i as f32 * 0.37 + seed).sin())
                 .collect();
             Ok(Tensor::from_vec(v, (kvh, n, hd), &Device::Cpu)?)
         };

@@ -9,7 +9,9 @@
 use std::sync::OnceLock;
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::cudarc::nvrtc;
 use candle_core::{CudaDevice, CudaStorage, Layout, Shape, Storage};
 
@@ -78,7 +80,8 @@ pub(crate) fn write(
         candle_core::bail!("kv write: rows {:?} for pool {:?}", lr.shape(), lp.shape());
     }
     let sfx = dtype_of(pool)?;
-    let shape = write_launch(b.total, kvh, hd).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let shape =
+        write_launch(b.total, kvh, hd).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let dev: CudaDevice = pool.device.clone();
     let func = dev.get_or_load_custom_func(&format!("medgemma_kv_write_{sfx}"), MODULE, ptx()?)?;
     let (slots_st, _) = b.slots_dev.storage_and_layout();

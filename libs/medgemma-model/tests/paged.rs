@@ -96,7 +96,11 @@ fn run(
     let mut rows = Vec::new();
     let mut embeds = embeds.map(|e| e.to_device(m.device()).unwrap());
     // An image is never split across chunks: a prompt with images is prefilled at once.
-    let chunk = if embeds.is_some() { prompt.len() } else { chunk };
+    let chunk = if embeds.is_some() {
+        prompt.len()
+    } else {
+        chunk
+    };
     for part in prompt.chunks(chunk) {
         let e = embeds.take();
         let lg = m
@@ -149,7 +153,10 @@ fn paged_f32_matches_the_goldens_across_sliding_windows() {
             let mut kv = paged(&m, bs);
             let (logits, greedy) = run(&m, &mut kv, &prompt, None, chunk, want.len());
             let d = max_abs_diff(&logits, &g.tensors[&format!("{name}.logits")]);
-            assert!(d <= tol(), "{name} (chunks {chunk}, blocks {bs}): logits differ by {d}");
+            assert!(
+                d <= tol(),
+                "{name} (chunks {chunk}, blocks {bs}): logits differ by {d}"
+            );
             assert_eq!(greedy, want, "{name} (chunks {chunk}, blocks {bs}): greedy");
             assert_eq!(kv.bytes_in_use(), 0);
         }
@@ -268,9 +275,13 @@ fn a_full_pool_is_a_limit_error_and_can_reserve_says_so() {
         max_bytes: None,
         paged_blocks: Some([4, 3]),
     });
+    assert!(kv.fits_pools(12, 4) && !kv.fits_pools(13, 4));
     let s = kv.new_sequence();
     assert!(kv.can_reserve(&s, 12));
-    assert!(!kv.can_reserve(&s, 13), "3 global blocks of 4 hold 12 positions");
+    assert!(
+        !kv.can_reserve(&s, 13),
+        "3 global blocks of 4 hold 12 positions"
+    );
     let mut s = s;
     let e = m
         .forward(

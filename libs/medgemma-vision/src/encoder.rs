@@ -248,7 +248,12 @@ impl VisionEncoder {
 
     /// A tower of any configuration with seeded random weights (the GPU benchmark's
     /// full-size SigLIP); its embeddings are meaningless.
-    pub fn random(cfg: VisionModelConfig, seed: u64, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn random(
+        cfg: VisionModelConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         check_dtype(dtype)?;
         let src = RandomSource {
             cfg: cfg.clone(),

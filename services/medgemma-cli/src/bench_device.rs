@@ -110,7 +110,11 @@ fn write_checkpoint(dir: &Path, cfg: &Value, seed: u64) -> anyhow::Result<()> {
     shard(
         "embed.safetensors",
         vec![
-            ("model.embed_tokens.weight".into(), vec![g("vocab_size"), h], 0.03),
+            (
+                "model.embed_tokens.weight".into(),
+                vec![g("vocab_size"), h],
+                0.03,
+            ),
             ("model.norm.weight".into(), vec![h], 0.1),
         ],
     )?;
@@ -145,10 +149,11 @@ fn write_checkpoint(dir: &Path, cfg: &Value, seed: u64) -> anyhow::Result<()> {
 }
 
 /// The pools one run needs: every sequence's prompt and decode, plus a block each.
-fn kv_for(cfg: &ModelConfig, batch: usize, positions: usize, device: &Device) -> KvCacheConfig {
+fn kv_for(batch: usize, positions: usize, device: &Device) -> KvCacheConfig {
     let bs = medgemma_model::DEFAULT_BLOCK_SIZE;
     let global = batch * (positions.div_ceil(bs) + 1);
-    let sliding = batch * ((cfg.text.sliding_window + positions).min(positions).div_ceil(bs) + 2);
+    // A prompt is prefilled in one chunk, so its sliding layers hold all of it at once.
+    let sliding = batch * (positions.div_ceil(bs) + 2);
     KvCacheConfig {
         block_size: bs,
         max_bytes: None,
@@ -169,7 +174,7 @@ struct DecoderRun {
 fn run_decoder(m: &Gemma3, a: &BenchDeviceArgs, batch: usize) -> anyhow::Result<DecoderRun> {
     let cfg = m.config().clone();
     let (p, d) = (a.prompt_tokens, a.decode_steps);
-    let mut kv = m.new_kv_cache(kv_for(&cfg, batch, p + d, m.device()));
+    let mut kv = m.new_kv_cache(kv_for(batch, p + d, m.device()));
     let mut seqs: Vec<_> = (0..batch).map(|_| kv.new_sequence()).collect();
     let vocab = cfg.text.vocab_size as u64;
     let prompts: Vec<Vec<u32>> = (0..batch as u64)
@@ -252,7 +257,10 @@ fn run_decoder(m: &Gemma3, a: &BenchDeviceArgs, batch: usize) -> anyhow::Result<
 fn argmax_rows(out: &[Option<Tensor>]) -> anyhow::Result<Vec<u32>> {
     let mut ids = Vec::with_capacity(out.len());
     for o in out.iter().flatten() {
-        let a: Vec<u32> = o.argmax_keepdim(candle_core::D::Minus1)?.flatten_all()?.to_vec1()?;
+        let a: Vec<u32> = o
+            .argmax_keepdim(candle_core::D::Minus1)?
+            .flatten_all()?
+            .to_vec1()?;
         ids.extend(a);
     }
     Ok(ids)
@@ -344,7 +352,7 @@ pub fn run(a: BenchDeviceArgs) -> anyhow::Result<()> {
         }));
         eprintln!("batch {b}: {}", decoder.last().unwrap_or(&Value::Null));
     }
-    let tower = run_tower(&a, &device, dtype)?;
+    let tower = run_tower(&a, &device, dtype.to_candle()?)?;
     let theirs: Option<Value> = match &a.transformers_json {
         Some(p) if p.exists() => Some(serde_json::from_slice(&std::fs::read(p)?)?),
         _ => None,
@@ -357,7 +365,10 @@ pub fn run(a: BenchDeviceArgs) -> anyhow::Result<()> {
         "transformers": theirs,
     });
     std::fs::create_dir_all(&a.out)?;
-    std::fs::write(a.out.join("bench.json"), serde_json::to_vec_pretty(&report)?)?;
+    std::fs::write(
+        a.out.join("bench.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
     let md = markdown(&report);
     std::fs::File::create(a.out.join("bench.md"))?.write_all(md.as_bytes())?;
     print!("{md}");
@@ -415,7 +426,9 @@ fn markdown(r: &Value) -> String {
     for row in r["transformers"]["decoder"].as_array().unwrap_or(&empty) {
         s += &format!(
             "| {} | {} | {} | {} | {} | - | - |\n",
-            r["transformers"]["engine"].as_str().unwrap_or("transformers"),
+            r["transformers"]["engine"]
+                .as_str()
+                .unwrap_or("transformers"),
             row["batch"],
             f(&row["prefill_tok_s"]),
             f(&row["decode_tok_s"]),
@@ -444,7 +457,11 @@ mod tests {
         let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         let cfg = medgemma_vision::VisionModelConfig::from_hf_json(&v).unwrap();
         assert_eq!(
-            (cfg.vision.hidden_size, cfg.vision.num_hidden_layers, cfg.vision.image_size),
+            (
+                cfg.vision.hidden_size,
+                cfg.vision.num_hidden_layers,
+                cfg.vision.image_size
+            ),
             (1152, 27, 896)
         );
         assert_eq!(cfg.text_hidden_size, 2560);
@@ -466,8 +483,14 @@ mod tests {
                 "prefill_tok_s": 900.0, "decode_tok_s": 40.0, "decode_step_ms": 25.0}]},
             "siglip": [{"batch": 8, "images_per_s": 55.5}]});
         let md = markdown(&r);
-        assert!(md.contains("| medgemma-serve | 1 | 1000.0 | 90.0 | 11.1 | 780.0 | 23% |"), "{md}");
-        assert!(md.contains("| transformers 5 | 1 | 900.0 | 40.0 | 25.0 | - | - |"), "{md}");
+        assert!(
+            md.contains("| medgemma-serve | 1 | 1000.0 | 90.0 | 11.1 | 780.0 | 23% |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| transformers 5 | 1 | 900.0 | 40.0 | 25.0 | - | - |"),
+            "{md}"
+        );
         assert!(md.contains("| medgemma-serve | 8 | 55.5 |"), "{md}");
     }
 

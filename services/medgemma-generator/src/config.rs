@@ -203,9 +203,7 @@ impl GeneratorArgs {
 
     /// Checks the flags that need no model (start-up validation).
     pub fn validate(&self) -> Result<(), GeneratorError> {
-        self.device
-            .parse::<DeviceSpec>()
-            .map_err(device_error)?;
+        self.device.parse::<DeviceSpec>().map_err(device_error)?;
         let u = self.gpu_memory_utilization;
         if !(u > 0.0 && u <= 1.0) {
             return Err(GeneratorError::Config(format!(
