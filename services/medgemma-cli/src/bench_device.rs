@@ -11,9 +11,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use candle_core::{DType, Device, Tensor};
-use medgemma_model::{
-    DeviceSpec, Gemma3, KvCacheConfig, LoadOptions, LogitsRows, ModelConfig, SeqInput,
-};
+use medgemma_model::{DeviceSpec, Gemma3, KvCacheConfig, LoadOptions, LogitsRows, SeqInput};
 use serde_json::{Value, json};
 
 /// Flags of `medgemma bench-device`.
@@ -449,6 +447,7 @@ fn markdown(r: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medgemma_model::ModelConfig;
 
     #[test]
     fn the_4b_fixture_is_a_full_size_siglip_and_decoder() {

@@ -308,3 +308,81 @@ pub fn load_tokenizer(model: &Path, explicit: Option<&Path>) -> Result<Tokenizer
     }
     Tokenizer::from_gguf_file(model).map_err(GeneratorError::Tokenizer)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: GeneratorArgs,
+    }
+
+    fn args(flags: &[&str]) -> GeneratorArgs {
+        Cli::try_parse_from(std::iter::once("medgemma-generator").chain(flags.iter().copied()))
+            .unwrap()
+            .a
+    }
+
+    #[test]
+    fn dtype_follows_the_device_unless_given() {
+        assert_eq!(args(&[]).dtype().unwrap(), ModelDType::F32);
+        assert_eq!(
+            args(&["--device", "cuda:1"]).dtype().unwrap(),
+            ModelDType::BF16
+        );
+        let a = args(&["--device", "cuda", "--dtype", "f32"]);
+        assert_eq!(a.dtype().unwrap(), ModelDType::F32);
+        assert_eq!(a.gpu_memory_utilization, 0.9);
+    }
+
+    #[test]
+    fn bad_device_and_utilization_are_start_up_errors() {
+        for (flags, want) in [
+            (&["--device", "tpu"][..], "--device"),
+            (&["--gpu-memory-utilization", "0"][..], "(0, 1]"),
+            (&["--gpu-memory-utilization", "1.5"][..], "(0, 1]"),
+        ] {
+            let e = args(flags).validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{flags:?}: {e}");
+        }
+        args(&["--device", "cuda:0", "--gpu-memory-utilization", "1"])
+            .validate()
+            .unwrap();
+        // Opening CUDA where there is none: a configuration error, not a panic.
+        if !medgemma_model::device::CUDA_BUILD {
+            let e = device("cuda").unwrap_err().to_string();
+            assert!(e.contains("--features cuda"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_plan_sizes_the_pools_and_kv_cache_bytes_wins() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/configs/medgemma-4b-it.json");
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let t = medgemma_model::ModelConfig::from_hf_json(&v, &path)
+            .unwrap()
+            .text;
+        let gib = 1usize << 30;
+        let input = PlanInput::for_model(&t, 80 * gib, 9 * gib, 8 * gib, 0.9, 2, 16, 64, 512);
+        let (plan, kv) = plan_kv(&input, KvCacheConfig::default()).unwrap();
+        assert_eq!(kv.max_bytes, Some(plan.kv_bytes));
+        assert_eq!(kv.paged_blocks, Some(plan.blocks));
+        let limit = KvCacheConfig {
+            max_bytes: Some(2 * gib),
+            ..KvCacheConfig::default()
+        };
+        let (_, kv) = plan_kv(&input, limit).unwrap();
+        assert_eq!(kv.max_bytes, Some(2 * gib));
+        let [s, g] = kv.paged_blocks.unwrap();
+        assert!(s * input.block_bytes[0] + g * input.block_bytes[1] <= 2 * gib);
+        // No room: the error names the flag.
+        let full = PlanInput::for_model(&t, 16 * gib, 15 * gib, 14 * gib, 0.9, 2, 16, 64, 512);
+        let e = plan_kv(&full, KvCacheConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("--gpu-memory-utilization"), "{e}");
+    }
+}
