@@ -7,14 +7,11 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Tensor};
-use common::{argmax, max_abs_diff, repo_root};
+use common::{argmax, case, golden, ids, max_abs_diff, repo_root};
 use medgemma_model::{
     DeviceSpec, Gemma3, KvCache, KvCacheConfig, LoadOptions, LogitsRows, ModelDType, SeqInput,
 };
-use serde_json::Value;
 
 fn device() -> Device {
     let spec = std::env::var("MEDGEMMA_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
@@ -23,34 +20,6 @@ fn device() -> Device {
 
 fn tol() -> f32 {
     if device().is_cpu() { 1e-4 } else { 1e-3 }
-}
-
-struct Golden {
-    cases: Vec<Value>,
-    tensors: HashMap<String, Tensor>,
-}
-
-fn golden(model: &str) -> Golden {
-    let dir = repo_root().join("fixtures").join(model);
-    let json: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
-    Golden {
-        cases: json["cases"].as_array().unwrap().clone(),
-        tensors: candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu)
-            .unwrap(),
-    }
-}
-
-fn case<'a>(g: &'a Golden, name: &str) -> &'a Value {
-    g.cases.iter().find(|c| c["name"] == name).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn load(model: &str, dtype: ModelDType, device: &Device) -> Gemma3 {
