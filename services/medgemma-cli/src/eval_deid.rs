@@ -34,6 +34,9 @@ pub struct EvalDeidArgs {
     /// Also score rules + model through this gateway's `Deidentify`.
     #[arg(long)]
     pub gateway: Option<String>,
+    /// With `--gateway`: how many notes are in flight at once (the generator batches them).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
     /// Skip Presidio.
     #[arg(long)]
     pub no_presidio: bool,
@@ -209,42 +212,7 @@ pub fn run(a: EvalDeidArgs) -> anyhow::Result<()> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        let (preds, model_id): (HashMap<String, Vec<Predicted>>, String) = rt.block_on(async {
-            let mut client = connect(gw).await?;
-            let mut out = HashMap::new();
-            let mut model_id = String::new();
-            for (i, n) in notes.iter().enumerate() {
-                let r = client
-                    .deidentify(request(
-                        pb::DeidentifyRequest {
-                            text: n.text.clone(),
-                            language: n.lang.clone(),
-                            mode: pb::DeidentifyMode::Redact.into(),
-                            surrogate_seed: None,
-                            use_model: Some(true),
-                            sampling: None,
-                        },
-                        std::time::Duration::from_secs(600),
-                    ))
-                    .await
-                    .map_err(|s| anyhow::anyhow!("Deidentify: {:?}: {}", s.code(), s.message()))?
-                    .into_inner();
-                model_id = r.model_id.clone();
-                eprintln!("rules+model: {}/{} notes", i + 1, notes.len());
-                out.insert(
-                    n.id.clone(),
-                    r.spans
-                        .into_iter()
-                        .map(|s| Predicted {
-                            start: s.start as usize,
-                            end: s.end as usize,
-                            ty: s.r#type,
-                        })
-                        .collect(),
-                );
-            }
-            Ok::<_, anyhow::Error>((out, model_id))
-        })?;
+        let (preds, model_id) = rt.block_on(model_pass(gw, &notes, a.concurrency.max(1)))?;
         let get = |n: &Note| preds.get(&n.id).cloned().unwrap_or_default();
         model = Some((
             eval::evaluate(&notes, get),
@@ -458,4 +426,56 @@ pub fn deidentify(a: DeidentifyArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Rules + model through the gateway's `Deidentify`, `concurrency` notes in flight: the spans
+/// of every note by id, and the model id the gateway reported.
+async fn model_pass(
+    gateway: &str,
+    notes: &[Note],
+    concurrency: usize,
+) -> anyhow::Result<(HashMap<String, Vec<Predicted>>, String)> {
+    let client = connect(gateway).await?;
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in notes {
+        let (mut client, gate) = (client.clone(), gate.clone());
+        let (id, text, language) = (n.id.clone(), n.text.clone(), n.lang.clone());
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            let r = client
+                .deidentify(request(
+                    pb::DeidentifyRequest {
+                        text,
+                        language,
+                        mode: pb::DeidentifyMode::Redact.into(),
+                        surrogate_seed: None,
+                        use_model: Some(true),
+                        sampling: None,
+                    },
+                    std::time::Duration::from_secs(1800),
+                ))
+                .await
+                .map_err(|s| anyhow::anyhow!("Deidentify: {:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            let spans = r
+                .spans
+                .into_iter()
+                .map(|s| Predicted {
+                    start: s.start as usize,
+                    end: s.end as usize,
+                    ty: s.r#type,
+                })
+                .collect::<Vec<_>>();
+            Ok::<_, anyhow::Error>((id, spans, r.model_id))
+        });
+    }
+    let (mut out, mut model_id) = (HashMap::new(), String::new());
+    while let Some(joined) = tasks.join_next().await {
+        let (id, spans, model) = joined??;
+        model_id = model;
+        out.insert(id, spans);
+        eprintln!("rules+model: {}/{} notes", out.len(), notes.len());
+    }
+    Ok((out, model_id))
 }
