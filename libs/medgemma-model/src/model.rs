@@ -200,6 +200,13 @@ impl Gemma3 {
     /// Loads a model from a Hugging Face checkpoint directory or a `.gguf` file.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let dtype = opts.dtype.to_candle()?;
+        // Activations (and the KV cache) of a quantized model: f32 on the CPU, where our
+        // kernels take f32; the asked dtype (bf16 by default) on CUDA, half the KV bytes.
+        let quant_act = if opts.device.is_cuda() {
+            dtype
+        } else {
+            DType::F32
+        };
         if !path.exists() {
             return Err(ModelError::checkpoint(path, "no such file or directory"));
         }
@@ -222,7 +229,7 @@ impl Gemma3 {
             src.dequantize = opts.dequantize;
             src.dtype = if opts.dequantize { dtype } else { DType::F32 };
             let cfg = ModelConfig::from_gguf(&src.content.metadata, path)?;
-            let act = if opts.dequantize { dtype } else { DType::F32 };
+            let act = if opts.dequantize { dtype } else { quant_act };
             let mut m = Self::build(cfg, &mut src, &opts.device, act, opts.progress.as_ref())?;
             m.info.format = "gguf".into();
             return Ok(m);
@@ -256,7 +263,7 @@ impl Gemma3 {
                         cfg.clone(),
                         &mut src,
                         &opts.device,
-                        DType::F32,
+                        quant_act,
                         opts.progress.as_ref(),
                     )?;
                     m.info.format = "gguf-cache".into();
@@ -282,7 +289,7 @@ impl Gemma3 {
             cfg,
             &mut rec,
             &opts.device,
-            DType::F32,
+            quant_act,
             opts.progress.as_ref(),
         )?;
         m.info.format = "safetensors".into();
