@@ -21,6 +21,13 @@ if [ ! -f "$venv/.installed" ]; then
   touch "$venv/.installed"
 fi
 
+# The CUDA image and the CI's CUDA build (tools/cuda/requirements.txt) use one CUDA release.
+cuda_image=$(sed -n 's/^ARG CUDA_VERSION=//p' deploy/images/Containerfile.cuda)
+cuda_pins=$(sed -n 's/.*`cuda-toolkit==\([0-9.]*\)`.*/\1/p' tools/cuda/requirements.txt)
+if [ "${cuda_pins%.0}" != "$cuda_image" ]; then
+  echo "Containerfile.cuda has CUDA $cuda_image, tools/cuda/requirements.txt pins $cuda_pins" >&2
+  exit 1
+fi
 "$venv/bin/hadolint" deploy/images/Containerfile.cpu deploy/images/Containerfile.cuda
 echo "hadolint: deploy/images/Containerfile.cpu, Containerfile.cuda clean"
 

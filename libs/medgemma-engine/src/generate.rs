@@ -422,7 +422,8 @@ impl Engine {
             let need = self
                 .kv
                 .bytes_for_sequence(n + 1, self.sched.max_batch_tokens);
-            if need > max {
+            let fits = self.kv.fits_pools(n + 1, self.sched.max_batch_tokens);
+            if need > max || !fits {
                 return Err(EngineError::KvCapacity {
                     prompt_tokens: n,
                     need_bytes: need,

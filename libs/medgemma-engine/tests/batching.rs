@@ -405,3 +405,39 @@ fn image_prompts_share_a_prefix_only_with_the_same_image() {
     );
     assert!(e.stats().prefix_hit_tokens > before, "the same image hits");
 }
+
+/// The paged KV layout (what CUDA always runs: per-layer pools, one attention op per layer for
+/// every sequence) through the scheduler: the same 16 requests get the tokens each gets alone
+/// on the CPU layout, with pools small enough that blocks are recycled and preemption happens;
+/// a prompt its global pool cannot hold is refused at admission.
+#[test]
+fn the_paged_layout_gives_every_request_its_own_tokens() {
+    let reqs = sixteen();
+    let want = alone(&reqs);
+    for (chunk, pools) in [(64, [400, 400]), (16, [40, 60])] {
+        let kv = KvCacheConfig {
+            block_size: 4,
+            paged_blocks: Some(pools),
+            ..KvCacheConfig::default()
+        };
+        let mut e = engine("tiny-27b-text", kv, sched(chunk, 16));
+        let out = e.generate_batch(&reqs, &mut |_| true).unwrap();
+        for (i, (o, w)) in out.iter().zip(&want).enumerate() {
+            assert_eq!(
+                &o.as_ref().unwrap().token_ids,
+                w,
+                "request {i}, pools {pools:?}"
+            );
+        }
+        assert_eq!(e.kv_bytes_in_use(), 0);
+    }
+    let kv = KvCacheConfig {
+        block_size: 4,
+        max_bytes: Some(1 << 30),
+        paged_blocks: Some([64, 16]),
+    };
+    let mut e = engine("tiny-27b-text", kv, sched(16, 4));
+    let err = e.admit(GenerationRequest::new(vec![5; 64], 2)).unwrap_err();
+    assert!(matches!(err, EngineError::KvCapacity { .. }), "{err}");
+    assert!(e.admit(GenerationRequest::new(vec![5; 40], 2)).is_ok());
+}

@@ -44,6 +44,9 @@ pub enum ModelError {
     /// number of image tokens).
     #[error("{0}")]
     InvalidInput(String),
+    /// The device asked for cannot be used (no CUDA in this build, no driver, no such GPU).
+    #[error("{0}")]
+    Device(String),
     /// A tensor operation failed inside candle.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -35,13 +35,23 @@ pub struct KvCacheConfig {
     pub block_size: usize,
     /// Upper bound on bytes held by blocks in use; `None` means unbounded.
     pub max_bytes: Option<usize>,
+    /// Blocks of the sliding-layer and the global-layer pools of the paged layout (one
+    /// `[blocks, block_size, kv_heads, head_dim]` tensor per layer for k and for v, what the
+    /// GPU attention kernel reads). `None`: per-block tensors made on demand on the CPU; on
+    /// CUDA, pools sized from `max_bytes` (default [`DEFAULT_PAGED_KV_BYTES`]).
+    pub paged_blocks: Option<[usize; 2]>,
 }
+
+/// The KV bytes of a paged cache on CUDA that was given no byte limit (`medgemma generate`,
+/// tests); the services size theirs with `--gpu-memory-utilization`.
+pub const DEFAULT_PAGED_KV_BYTES: usize = 1 << 30;
 
 impl Default for KvCacheConfig {
     fn default() -> Self {
         Self {
             block_size: DEFAULT_BLOCK_SIZE,
             max_bytes: None,
+            paged_blocks: None,
         }
     }
 }
@@ -191,6 +201,16 @@ pub struct KvCache {
     stores: [BlockStore; 2],
     prefix_caching: bool,
     tick: u64,
+    /// The paged layout's pools, when the cache is paged.
+    pool: Option<Pool>,
+}
+
+/// The paged layout: per model layer one k and one v tensor `[blocks of its kind, block_size,
+/// kv_heads, head_dim]`, made at the first reservation; block ids index their first dim.
+#[derive(Debug)]
+struct Pool {
+    blocks: [usize; 2],
+    tensors: Vec<(Tensor, Tensor)>,
 }
 
 /// The chained hash of one block: the previous block's hash, the salt and the block's tokens.
@@ -203,6 +223,25 @@ fn block_hash(prev: u128, salt: u128, tokens: &[u32]) -> u128 {
     }
     let d = h.finalize();
     u128::from_le_bytes(d[..16].try_into().expect("32-byte digest"))
+}
+
+/// The pools of a paged cache that was given no capacities: `max_bytes` (or
+/// [`DEFAULT_PAGED_KV_BYTES`]) split as the memory planning splits it, for the scheduler's
+/// default batch (64 sequences, 512-row steps).
+fn default_paged_blocks(text: &TextConfig, dtype: DType, cfg: KvCacheConfig) -> [usize; 2] {
+    let bytes = cfg.max_bytes.unwrap_or(DEFAULT_PAGED_KV_BYTES);
+    let input = crate::memory::PlanInput::for_model(
+        text,
+        0,
+        0,
+        0,
+        1.0,
+        dtype.size_in_bytes(),
+        cfg.block_size.max(1),
+        64,
+        512,
+    );
+    crate::memory::split_blocks(bytes, &input)
 }
 
 fn kind_index(t: LayerType) -> usize {
@@ -222,11 +261,20 @@ impl KvCache {
             layer_slot.push((s, stores[s].layers.len()));
             stores[s].layers.push(i);
         }
+        let block_size = cfg.block_size.max(1);
+        let pool = cfg
+            .paged_blocks
+            .or_else(|| {
+                device
+                    .is_cuda()
+                    .then(|| default_paged_blocks(text, dtype, cfg))
+            })
+            .map(|blocks| Pool {
+                blocks,
+                tensors: Vec::new(),
+            });
         Self {
-            cfg: KvCacheConfig {
-                block_size: cfg.block_size.max(1),
-                ..cfg
-            },
+            cfg: KvCacheConfig { block_size, ..cfg },
             device: device.clone(),
             dtype,
             kv_heads: text.num_key_value_heads,
@@ -236,7 +284,96 @@ impl KvCache {
             stores,
             prefix_caching: false,
             tick: 0,
+            pool,
         }
+    }
+
+    /// Whether the cache has the paged layout (per-layer pools read by the paged attention).
+    pub fn is_paged(&self) -> bool {
+        self.pool.is_some()
+    }
+
+    /// Pool capacities in blocks (sliding, global) of a paged cache.
+    pub fn paged_blocks(&self) -> Option<[usize; 2]> {
+        self.pool.as_ref().map(|p| p.blocks)
+    }
+
+    /// The k and v pools of model layer `layer` of a paged cache (after the first reservation).
+    pub(crate) fn pool(&self, layer: usize) -> Option<&(Tensor, Tensor)> {
+        self.pool.as_ref().and_then(|p| p.tensors.get(layer))
+    }
+
+    /// A sequence's block table for layers of `kind`: the position of its first block and the
+    /// block ids in order.
+    pub(crate) fn table(&self, seq: &SequenceKv, kind: LayerType) -> (usize, Vec<u32>) {
+        let t = &seq.tables[kind_index(kind)];
+        let first = t.front().map_or(seq.len, |b| b.start);
+        (first, t.iter().map(|b| b.id as u32).collect())
+    }
+
+    /// Makes the pools of a paged cache, once.
+    fn ensure_pool(&mut self) -> Result<()> {
+        let (kv_heads, bs, hd, dtype) = (
+            self.kv_heads,
+            self.cfg.block_size,
+            self.head_dim,
+            self.dtype,
+        );
+        let Some(pool) = self.pool.as_mut() else {
+            return Ok(());
+        };
+        if !pool.tensors.is_empty() {
+            return Ok(());
+        }
+        let mut tensors = Vec::with_capacity(self.layer_slot.len());
+        for &(s, _) in &self.layer_slot {
+            let shape = (pool.blocks[s].max(1), bs, kv_heads, hd);
+            tensors.push((
+                Tensor::zeros(shape, dtype, &self.device)?,
+                Tensor::zeros(shape, dtype, &self.device)?,
+            ));
+        }
+        pool.tensors = tensors;
+        Ok(())
+    }
+
+    /// A block of store `s` from the paged pools: a free id, a new id below the capacity, or
+    /// the least recently used cached block.
+    fn alloc_pooled(&mut self, s: usize, cap: usize) -> Result<usize> {
+        self.ensure_pool()?;
+        let st = &mut self.stores[s];
+        let id = match st.free.pop() {
+            Some(id) => id,
+            None if st.blocks.len() < cap => {
+                st.blocks.push(Vec::new());
+                st.meta.push(BlockMeta::default());
+                st.blocks.len() - 1
+            }
+            None => st.evict().ok_or_else(|| {
+                ModelError::Limit(format!(
+                    "KV cache is full: all {cap} blocks of the {} layers' pool are in use",
+                    ["sliding", "global"][s]
+                ))
+            })?,
+        };
+        st.hold(id);
+        Ok(id)
+    }
+
+    /// Writes the new rows of a paged step (`[kv_heads, total, head_dim]` keys and values of
+    /// every packed row) into model layer `layer`'s pools, one launch each.
+    pub(crate) fn write_paged(
+        &self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+        b: &crate::paged::PagedBatch,
+    ) -> Result<()> {
+        let (kp, vp) = self
+            .pool(layer)
+            .ok_or_else(|| ModelError::InvalidInput("paged write before reserve".into()))?;
+        crate::paged::write_rows(kp, k, b)?;
+        crate::paged::write_rows(vp, v, b)
     }
 
     /// Switches prefix caching on or off (off by default).
@@ -374,9 +511,21 @@ impl KvCache {
 
     /// Whether `n` more positions of `seq` fit under the byte limit now.
     pub fn can_reserve(&self, seq: &SequenceKv, n: usize) -> bool {
-        self.cfg
-            .max_bytes
-            .is_none_or(|max| self.bytes_in_use() + self.bytes_to_reserve(seq, n) <= max)
+        let end = seq.len + n;
+        let pools_fit = self.pool.as_ref().is_none_or(|p| {
+            (0..2)
+                .filter(|&s| !self.stores[s].layers.is_empty())
+                .all(|s| {
+                    let next = self.next_block_start(seq, s);
+                    let need = end.saturating_sub(next).div_ceil(self.cfg.block_size);
+                    self.stores[s].in_use + need <= p.blocks[s]
+                })
+        });
+        pools_fit
+            && self
+                .cfg
+                .max_bytes
+                .is_none_or(|max| self.bytes_in_use() + self.bytes_to_reserve(seq, n) <= max)
     }
 
     /// The most bytes a sequence of `positions` holds at once when its positions are computed
@@ -387,6 +536,19 @@ impl KvCache {
         let blocks = positions.div_ceil(bs);
         let sliding = blocks.min((self.window + chunk).div_ceil(bs) + 1);
         sliding * self.store_block_bytes(0) + blocks * self.store_block_bytes(1)
+    }
+
+    /// Whether a sequence of `positions` computed in chunks of at most `chunk` fits the pools of
+    /// a paged cache when it runs alone (always true for the CPU layout).
+    pub fn fits_pools(&self, positions: usize, chunk: usize) -> bool {
+        let Some(p) = &self.pool else {
+            return true;
+        };
+        let bs = self.cfg.block_size;
+        let blocks = positions.div_ceil(bs);
+        let sliding = blocks.min((self.window + chunk).div_ceil(bs) + 1);
+        (self.stores[0].layers.is_empty() || sliding <= p.blocks[0])
+            && (self.stores[1].layers.is_empty() || blocks <= p.blocks[1])
     }
 
     /// Drops recycled blocks so their memory returns to the allocator.
@@ -436,6 +598,9 @@ impl KvCache {
                 )));
             }
             over = self.bytes_allocated() + block > max;
+        }
+        if let Some(cap) = self.pool.as_ref().map(|p| p.blocks[s]) {
+            return self.alloc_pooled(s, cap);
         }
         // A free block; else, when new memory would pass the limit, the least recently used
         // cached block (of this kind, or the other kind's memory given back).
@@ -511,6 +676,11 @@ impl KvCache {
     /// Writes `k`, `v` (`[kv_heads, n, head_dim]`) for positions `[seq.len, seq.len + n)` of
     /// model layer `layer`. Call [`KvCache::reserve`] first.
     pub fn write(&self, seq: &SequenceKv, layer: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        if self.pool.is_some() {
+            return Err(ModelError::InvalidInput(
+                "a paged KV cache is written by the paged attention step".into(),
+            ));
+        }
         let (s, li) = self.layer_slot[layer];
         let n = k.dim(1)?;
         let bs = self.cfg.block_size;
@@ -554,6 +724,19 @@ impl KvCache {
             .start;
         let bs = self.cfg.block_size;
         let nblocks = (end - first).div_ceil(bs);
+        if let Some((kp, vp)) = self.pool(layer) {
+            let ids: Vec<u32> = table.iter().take(nblocks).map(|b| b.id as u32).collect();
+            let idx = Tensor::new(ids.as_slice(), &self.device)?;
+            let rows = |p: &Tensor| -> Result<Tensor> {
+                let g = p.index_select(&idx, 0)?;
+                let (nb, _, kvh, hd) = g.dims4()?;
+                Ok(g.reshape((nb * bs, kvh, hd))?
+                    .narrow(0, 0, end - first)?
+                    .transpose(0, 1)?
+                    .contiguous()?)
+            };
+            return Ok((rows(kp)?, rows(vp)?, first));
+        }
         let blocks = &self.stores[s].blocks;
         let (ks, vs): (Vec<&Tensor>, Vec<&Tensor>) = table
             .iter()
@@ -578,7 +761,7 @@ impl KvCache {
         end: usize,
         f: impl FnOnce(&CpuRows<'_>) -> R,
     ) -> Result<Option<R>> {
-        if self.dtype != DType::F32 || !self.device.is_cpu() {
+        if self.dtype != DType::F32 || !self.device.is_cpu() || self.pool.is_some() {
             return Ok(None);
         }
         let (s, li) = self.layer_slot[layer];
@@ -759,6 +942,7 @@ mod tests {
             KvCacheConfig {
                 block_size: 4,
                 max_bytes: None,
+                paged_blocks: None,
             },
         );
         let mut s = kv.new_sequence();
@@ -792,6 +976,7 @@ mod tests {
             KvCacheConfig {
                 block_size: 2,
                 max_bytes: None,
+                paged_blocks: None,
             },
         );
         let mut s = kv.new_sequence();
@@ -824,6 +1009,7 @@ mod tests {
             KvCacheConfig {
                 block_size: 4,
                 max_bytes: Some(600),
+                paged_blocks: None,
             },
         );
         let mut s = kv.new_sequence();

@@ -125,6 +125,9 @@ impl Attention {
         };
         let (q, k) = (rope(&q)?, rope(&k)?);
         let v = v.transpose(0, 1)?.contiguous()?;
+        if let Some(pb) = &ctx.paged[kind_index(self.kind)] {
+            return self.forward_paged(li, &q, &k, &v, pb, kv);
+        }
         let mut outs = Vec::with_capacity(batch.len());
         for (rows, item) in ctx.rows.iter().zip(batch) {
             if rows.n == 0 {
@@ -153,6 +156,34 @@ impl Attention {
             .contiguous()?
             .reshape((total, nh * hd))?;
         Ok(self.o.forward(&attn)?)
+    }
+
+    /// The GPU-shaped path: every packed row's keys and values written to the layer's pools
+    /// in one launch each, then one attention launch over all sequences (`q`, `k`, `v`:
+    /// `[heads, total, head_dim]` after RoPE), the mask computed in the kernel.
+    fn forward_paged(
+        &self,
+        li: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        pb: &crate::paged::PagedBatch,
+        kv: &KvCache,
+    ) -> Result<Tensor> {
+        kv.write_paged(li, k, v, pb)?;
+        let (kp, vp) = kv.pool(li).ok_or_else(|| {
+            crate::error::ModelError::InvalidInput("paged KV pool missing".into())
+        })?;
+        let dims = crate::paged::AttnDims {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            scale: self.scale as f32,
+        };
+        let out = crate::paged::attention(q, kp, vp, pb, dims)?;
+        Ok(self
+            .o
+            .forward(&out.reshape((pb.total, self.heads * self.head_dim))?)?)
     }
 
     /// One decode row (`q`: `[heads, 1, head_dim]`) against the sequence's cached rows read in
@@ -312,6 +343,9 @@ pub(crate) struct Batch {
     pub rows: Vec<SeqRows>,
     /// `(cos, sin)` per layer kind (sliding, global), one row per packed position.
     pub rope: [(Tensor, Tensor); 2],
+    /// With a paged KV cache: the metadata of the paged attention per layer kind (then no
+    /// host masks are built).
+    pub paged: [Option<crate::paged::PagedBatch>; 2],
 }
 
 pub(crate) fn kind_index(kind: LayerType) -> usize {

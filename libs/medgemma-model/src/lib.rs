@@ -12,15 +12,23 @@
 mod config;
 mod cpu_gemv;
 mod cpu_layout;
+pub mod device;
 mod error;
 mod kv_cache;
 mod layers;
+pub mod memory;
 mod model;
+pub mod paged;
+#[cfg(feature = "cuda")]
+mod paged_cuda;
 mod weights;
 
 pub use candle_core::{DType, Device, Tensor};
 pub use config::{LayerType, ModelConfig, MultimodalConfig, RopeParams, TextConfig};
+pub use device::DeviceSpec;
 pub use error::{ModelError, Result};
-pub use kv_cache::{CpuRows, DEFAULT_BLOCK_SIZE, KvCache, KvCacheConfig, SequenceKv};
+pub use kv_cache::{
+    CpuRows, DEFAULT_BLOCK_SIZE, DEFAULT_PAGED_KV_BYTES, KvCache, KvCacheConfig, SequenceKv,
+};
 pub use model::{Gemma3, LoadInfo, LoadOptions, LogitsRows, ModelDType, ProgressFn, SeqInput};
 pub use weights::{HfLayout, Quantize, SafetensorsCheckpoint};

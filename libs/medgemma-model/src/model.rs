@@ -18,6 +18,7 @@ use crate::layers::{
     Attention, Batch, Layer, MaskBlocks, MaskSpec, Mlp, Projections, RmsNorm, SeqRows,
     image_groups, kind_index,
 };
+use crate::paged::{PagedBatch, SeqPlan};
 use crate::weights::{
     Embedding, GgufSource, HfSource, LayerWeight, Linear, Quantize, Raw, SafetensorsCheckpoint,
     WeightName, WeightSource, write_gguf_cache,
@@ -199,6 +200,13 @@ impl Gemma3 {
     /// Loads a model from a Hugging Face checkpoint directory or a `.gguf` file.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Self> {
         let dtype = opts.dtype.to_candle()?;
+        // Activations (and the KV cache) of a quantized model: f32 on the CPU, where our
+        // kernels take f32; the asked dtype (bf16 by default) on CUDA, half the KV bytes.
+        let quant_act = if opts.device.is_cuda() {
+            dtype
+        } else {
+            DType::F32
+        };
         if !path.exists() {
             return Err(ModelError::checkpoint(path, "no such file or directory"));
         }
@@ -221,7 +229,7 @@ impl Gemma3 {
             src.dequantize = opts.dequantize;
             src.dtype = if opts.dequantize { dtype } else { DType::F32 };
             let cfg = ModelConfig::from_gguf(&src.content.metadata, path)?;
-            let act = if opts.dequantize { dtype } else { DType::F32 };
+            let act = if opts.dequantize { dtype } else { quant_act };
             let mut m = Self::build(cfg, &mut src, &opts.device, act, opts.progress.as_ref())?;
             m.info.format = "gguf".into();
             return Ok(m);
@@ -255,7 +263,7 @@ impl Gemma3 {
                         cfg.clone(),
                         &mut src,
                         &opts.device,
-                        DType::F32,
+                        quant_act,
                         opts.progress.as_ref(),
                     )?;
                     m.info.format = "gguf-cache".into();
@@ -281,7 +289,7 @@ impl Gemma3 {
             cfg,
             &mut rec,
             &opts.device,
-            DType::F32,
+            quant_act,
             opts.progress.as_ref(),
         )?;
         m.info.format = "safetensors".into();
@@ -613,12 +621,13 @@ impl Gemma3 {
         let image = self.image_token();
         let mut positions = Vec::new();
         let mut rows = Vec::with_capacity(batch.len());
+        let mut all_groups = Vec::with_capacity(batch.len());
         for item in batch {
             let (start, n) = (item.kv.len(), item.tokens.len());
             let groups = image_groups(item.tokens, image);
             let mut masks: [MaskBlocks; 2] = Default::default();
             for kind in [LayerType::Sliding, LayerType::Global] {
-                if n > 0 && t.layer_types.contains(&kind) {
+                if n > 0 && t.layer_types.contains(&kind) && !kv.is_paged() {
                     masks[kind_index(kind)] = MaskSpec {
                         start,
                         n,
@@ -636,6 +645,41 @@ impl Gemma3 {
                 masks,
             });
             positions.extend(start..start + n);
+            all_groups.push(groups);
+        }
+        let mut paged: [Option<PagedBatch>; 2] = [None, None];
+        if kv.is_paged() {
+            for kind in [LayerType::Sliding, LayerType::Global] {
+                if !t.layer_types.contains(&kind) {
+                    continue;
+                }
+                let plans: Vec<SeqPlan<'_>> = batch
+                    .iter()
+                    .zip(&rows)
+                    .zip(&all_groups)
+                    .map(|((item, r), groups)| {
+                        let (first, table) = kv.table(item.kv, kind);
+                        SeqPlan {
+                            offset: r.offset,
+                            n: r.n,
+                            start: r.start,
+                            groups,
+                            first,
+                            table,
+                        }
+                    })
+                    .collect();
+                let window = match kind {
+                    LayerType::Sliding => t.sliding_window,
+                    LayerType::Global => 0,
+                };
+                paged[kind_index(kind)] = Some(PagedBatch::build(
+                    &plans,
+                    window,
+                    kv.block_size(),
+                    &self.device,
+                )?);
+            }
         }
         Ok(Batch {
             total: positions.len(),
@@ -644,6 +688,7 @@ impl Gemma3 {
                 self.rope_tables(&positions, &self.inv_freq_local)?,
                 self.rope_tables(&positions, &self.inv_freq_global)?,
             ],
+            paged,
         })
     }
 

@@ -103,6 +103,7 @@ fn decode_after_an_image_prompt_equals_recompute_and_counts_are_checked() {
     let mut kv = m.new_kv_cache(KvCacheConfig {
         block_size: 4,
         max_bytes: None,
+        paged_blocks: None,
     });
     let mut s = kv.new_sequence();
     m.forward(

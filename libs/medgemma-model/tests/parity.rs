@@ -7,36 +7,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use common::{argmax, max_abs_diff, repo_root};
+use common::{Golden, argmax, case, golden, ids, max_abs_diff, repo_root};
 use medgemma_model::{Gemma3, KvCacheConfig, LoadOptions, LogitsRows, ModelDType, SeqInput};
-use serde_json::Value;
 
 const TOL: f32 = 1e-4;
-
-struct Golden {
-    cases: Vec<Value>,
-    tensors: HashMap<String, Tensor>,
-}
-
-fn golden(model: &str) -> Golden {
-    let dir = repo_root().join("fixtures").join(model);
-    let json: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
-    let tensors =
-        candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
-    Golden {
-        cases: json["cases"].as_array().unwrap().clone(),
-        tensors,
-    }
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 fn load(model: &str, dtype: ModelDType) -> Gemma3 {
     let dir = repo_root().join("fixtures").join(model);
@@ -48,13 +22,6 @@ fn load(model: &str, dtype: ModelDType) -> Gemma3 {
         },
     )
     .unwrap()
-}
-
-fn case<'a>(g: &'a Golden, name: &str) -> &'a Value {
-    g.cases
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name}"))
 }
 
 /// Greedy continuation with the KV cache: prefill once, then one token per step.
@@ -73,6 +40,7 @@ fn greedy_cached_with(
     let mut kv = m.new_kv_cache(KvCacheConfig {
         block_size,
         max_bytes: None,
+        paged_blocks: None,
     });
     let mut s = kv.new_sequence();
     let mut out = Vec::new();
@@ -158,6 +126,7 @@ fn chunked_prefill_equals_one_shot_prefill() {
         let mut kv = m.new_kv_cache(KvCacheConfig {
             block_size: bs,
             max_bytes: None,
+            paged_blocks: None,
         });
         let mut s = kv.new_sequence();
         let mut rows = Vec::new();
@@ -204,6 +173,7 @@ fn kv_cached_decode_equals_full_recompute() {
     let mut kv = m.new_kv_cache(KvCacheConfig {
         block_size: 4,
         max_bytes: None,
+        paged_blocks: None,
     });
     let mut s = kv.new_sequence();
     let mut next = seq.clone();

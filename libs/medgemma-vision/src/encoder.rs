@@ -246,6 +246,23 @@ impl VisionEncoder {
         Self::build(cfg, &src, device, dtype, false)
     }
 
+    /// A tower of any configuration with seeded random weights (the GPU benchmark's
+    /// full-size SigLIP); its embeddings are meaningless.
+    pub fn random(
+        cfg: VisionModelConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        check_dtype(dtype)?;
+        let src = RandomSource {
+            cfg: cfg.clone(),
+            seed,
+            device: device.clone(),
+        };
+        Self::build(cfg, &src, device, dtype, true)
+    }
+
     /// The demo tower: [`VisionModelConfig::demo`] with seeded random weights. Its
     /// embeddings are deterministic and meaningless.
     pub fn demo(text_hidden: usize, seed: u64, device: &Device, dtype: DType) -> Result<Self> {

@@ -62,7 +62,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         );
     }
     let threads = candle_core::utils::get_num_threads();
-    let opts = crate::generate::load_options(ModelDType::F32, "cpu", None, a.dequantize, None)?;
+    let opts =
+        crate::generate::load_options(Some(ModelDType::F32), "cpu", None, a.dequantize, None)?;
     let model = Gemma3::load(&model_path, &opts)?;
     let vocab = model.config().text.vocab_size as u32;
     // Deterministic pseudo-random prompt, like llama-bench's random tokens.

@@ -231,7 +231,7 @@ pub fn run(a: BenchServeArgs) -> anyhow::Result<()> {
             path.display()
         );
     }
-    let opts = crate::generate::load_options(ModelDType::F32, "cpu", None, false, None)?;
+    let opts = crate::generate::load_options(Some(ModelDType::F32), "cpu", None, false, None)?;
     let model = Arc::new(Gemma3::load(&path, &opts)?);
     let tokenizer = Arc::new(if a.model.is_none() {
         Tokenizer::from_path(&medgemma_assets::demo_paths().tokenizer_dir)?

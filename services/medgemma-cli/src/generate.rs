@@ -52,9 +52,9 @@ pub struct GenerateArgs {
     /// Quantize safetensors weights at load: q8_0 or q4k (cached as GGUF in --cache-dir).
     #[arg(long, env = "MEDGEMMA_QUANTIZE")]
     pub quantize: Option<Quantize>,
-    /// f32 (fast on CPU) or bf16 (the production dtype on GPU). f16 is refused for Gemma 3.
-    #[arg(long, env = "MEDGEMMA_DTYPE", default_value = "f32")]
-    pub dtype: ModelDType,
+    /// f32 or bf16 (default: f32 on cpu, bf16 on cuda). f16 is refused for Gemma 3.
+    #[arg(long, env = "MEDGEMMA_DTYPE")]
+    pub dtype: Option<ModelDType>,
     /// cpu, or cuda / cuda:N (needs a build with the `cuda` feature).
     #[arg(long, env = "MEDGEMMA_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -114,7 +114,7 @@ fn load_tokenizer(model: &Path, explicit: Option<&Path>) -> anyhow::Result<Token
 }
 
 pub fn load_options(
-    dtype: ModelDType,
+    dtype: Option<ModelDType>,
     device_spec: &str,
     quantize: Option<Quantize>,
     dequantize: bool,
@@ -136,8 +136,9 @@ pub fn load_options(
     } else {
         None
     };
+    let spec: medgemma_model::DeviceSpec = device_spec.parse()?;
     Ok(LoadOptions {
-        dtype,
+        dtype: dtype.unwrap_or(spec.default_dtype()),
         device: medgemma_generator::device(device_spec)?,
         quantize,
         dequantize,

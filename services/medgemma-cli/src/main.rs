@@ -8,6 +8,7 @@
 //! Logs go to stderr; `--json` output goes to stdout.
 
 mod bench;
+mod bench_device;
 mod bench_gateway;
 mod bench_serve;
 mod bench_vision;
@@ -61,6 +62,9 @@ enum Command {
     /// Images/s of the 4B vision tower (SigLIP so400m + projector, random weights in the real
     /// shapes) beside transformers on the same checkpoint.
     BenchVision(bench_vision::BenchVisionArgs),
+    /// GPU: prefill/decode of a 4B-shaped random decoder at batch 1, 8, 64, the SigLIP tower,
+    /// and the fraction of memory bandwidth decode achieves (tools/device/check.sh runs it).
+    BenchDevice(Box<bench_device::BenchDeviceArgs>),
     /// Download a Hugging Face model repository (e.g. google/medgemma-4b-it) into a directory:
     /// HF_TOKEN for gated models, resumable, sha256-checked against the Hub's LFS metadata.
     FetchModel(fetch_model::FetchModelArgs),
@@ -105,6 +109,7 @@ fn main() {
         Command::Report(a) => client::report(a),
         Command::Up(a) => up::run(*a),
         Command::BenchVision(a) => bench_vision::run(a),
+        Command::BenchDevice(a) => bench_device::run(*a),
         Command::FetchModel(a) => fetch_model::run(a),
         Command::EvalDeid(a) => eval_deid::run(a),
         Command::Deidentify(a) => eval_deid::deidentify(a),

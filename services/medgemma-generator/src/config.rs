@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use medgemma_engine::generate::SchedulerConfig;
-use medgemma_model::{Gemma3, KvCacheConfig, LoadOptions, ModelDType, Quantize};
+use medgemma_model::memory::{self, MemoryPlan, PlanInput};
+use medgemma_model::{DeviceSpec, Gemma3, KvCacheConfig, LoadOptions, ModelDType, Quantize};
 use medgemma_rpc::worker::WatchdogOptions;
 use medgemma_tokenizer::Tokenizer;
 
@@ -32,12 +33,18 @@ pub struct GeneratorArgs {
     /// The model id reported in responses (default: the model's file or directory name).
     #[arg(long, env = "MEDGEMMA_MODEL_ID")]
     pub model_id: Option<String>,
-    /// f32 (fast on CPU) or bf16 (the production dtype on GPU). f16 is refused for Gemma 3.
-    #[arg(long, env = "MEDGEMMA_DTYPE", default_value = "f32")]
-    pub dtype: ModelDType,
+    /// f32 or bf16 (default: f32 on cpu, bf16 on cuda). f16 is refused for Gemma 3.
+    #[arg(long, env = "MEDGEMMA_DTYPE")]
+    pub dtype: Option<ModelDType>,
     /// cpu, or cuda / cuda:N (needs a build with the `cuda` feature).
     #[arg(long, env = "MEDGEMMA_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// On CUDA: the fraction of the GPU's memory this process may use. The weights (measured
+    /// after load) and an activation reserve come off it; the rest holds the paged KV cache,
+    /// whose size, longest context and batch are printed at start-up. `--kv-cache-bytes`, when
+    /// set, wins.
+    #[arg(long, env = "MEDGEMMA_GPU_MEMORY_UTILIZATION", default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// Quantize safetensors weights at load: q8_0 or q4k (cached as GGUF in --cache-dir).
     #[arg(long, env = "MEDGEMMA_QUANTIZE")]
     pub quantize: Option<Quantize>,
@@ -243,12 +250,56 @@ impl GeneratorArgs {
         }
     }
 
+    /// The dtype to load in: `--dtype`, else the device's default.
+    pub fn dtype(&self) -> Result<ModelDType, GeneratorError> {
+        let spec: DeviceSpec = self.device.parse().map_err(device_error)?;
+        Ok(self.dtype.unwrap_or(spec.default_dtype()))
+    }
+
+    /// Checks the flags that need no model (start-up validation).
+    pub fn validate(&self) -> Result<(), GeneratorError> {
+        self.device.parse::<DeviceSpec>().map_err(device_error)?;
+        let u = self.gpu_memory_utilization;
+        if !(u > 0.0 && u <= 1.0) {
+            return Err(GeneratorError::Config(format!(
+                "--gpu-memory-utilization {u}: expected a fraction in (0, 1]"
+            )));
+        }
+        Ok(())
+    }
+
+    /// On CUDA, the memory plan for a loaded model (see `medgemma_model::memory`) and the KV
+    /// cache configuration it gives; `None` on the CPU (the cache grows on demand there).
+    pub fn memory_plan(
+        &self,
+        model: &Gemma3,
+    ) -> Result<Option<(MemoryPlan, KvCacheConfig)>, GeneratorError> {
+        let Some((total, free)) =
+            medgemma_model::device::memory_info(model.device()).map_err(GeneratorError::Load)?
+        else {
+            return Ok(None);
+        };
+        let base = self.config().kv_cache;
+        let input = PlanInput::for_model(
+            &model.config().text,
+            total,
+            total.saturating_sub(free),
+            model.info().weight_bytes,
+            self.gpu_memory_utilization,
+            model.dtype().size_in_bytes(),
+            base.block_size,
+            self.max_running,
+            self.max_batch_tokens,
+        );
+        plan_kv(&input, base).map(Some)
+    }
+
     /// Loads the model and tokenizer (blocking: run it off the async runtime).
     pub fn load(&self) -> Result<(Gemma3, Tokenizer), GeneratorError> {
         let path = self.model_path();
         let tokenizer = load_tokenizer(&path, self.tokenizer.as_deref())?;
         let options = LoadOptions {
-            dtype: self.dtype,
+            dtype: self.dtype()?,
             device: device(&self.device)?,
             quantize: self.quantize,
             dequantize: self.dequantize,
@@ -269,27 +320,34 @@ impl GeneratorArgs {
     }
 }
 
-/// `cpu`, `cuda` or `cuda:N`.
+/// `cpu`, `cuda` or `cuda:N`: a clear error (never a panic) when the device is not there.
 pub fn device(spec: &str) -> Result<candle_core::Device, GeneratorError> {
-    match spec {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse::<usize>().map_err(|_| {
-                    GeneratorError::Config(format!("device {s:?}: expected cuda:N"))
-                })?,
-                None => 0,
-            };
-            candle_core::Device::new_cuda(ordinal).map_err(|e| {
-                GeneratorError::Config(format!(
-                    "device {s}: this build has no CUDA support or no such GPU ({e})"
-                ))
-            })
-        }
-        other => Err(GeneratorError::Config(format!(
-            "unknown device {other:?} (expected cpu, cuda or cuda:N)"
-        ))),
-    }
+    DeviceSpec::open_str(spec).map_err(device_error)
+}
+
+fn device_error(e: medgemma_model::ModelError) -> GeneratorError {
+    GeneratorError::Config(format!("--device: {e}"))
+}
+
+/// The KV cache a plan gives: its pools and byte limit, unless `--kv-cache-bytes` set a
+/// limit (then the pools are split from that).
+pub fn plan_kv(
+    input: &PlanInput,
+    base: KvCacheConfig,
+) -> Result<(MemoryPlan, KvCacheConfig), GeneratorError> {
+    let plan = memory::plan(input).map_err(|e| GeneratorError::Config(e.to_string()))?;
+    let kv = match base.max_bytes {
+        Some(limit) => KvCacheConfig {
+            paged_blocks: Some(memory::split_blocks(limit, input)),
+            ..base
+        },
+        None => KvCacheConfig {
+            max_bytes: Some(plan.kv_bytes),
+            paged_blocks: Some(plan.blocks),
+            ..base
+        },
+    };
+    Ok((plan, kv))
 }
 
 /// The tokenizer as `medgemma generate` finds it: the explicit path, else the model
@@ -302,4 +360,81 @@ pub fn load_tokenizer(model: &Path, explicit: Option<&Path>) -> Result<Tokenizer
         return Tokenizer::from_path(model).map_err(GeneratorError::Tokenizer);
     }
     Tokenizer::from_gguf_file(model).map_err(GeneratorError::Tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: GeneratorArgs,
+    }
+
+    fn args(flags: &[&str]) -> GeneratorArgs {
+        Cli::try_parse_from(std::iter::once("medgemma-generator").chain(flags.iter().copied()))
+            .unwrap()
+            .a
+    }
+
+    #[test]
+    fn dtype_follows_the_device_unless_given() {
+        assert_eq!(args(&[]).dtype().unwrap(), ModelDType::F32);
+        assert_eq!(
+            args(&["--device", "cuda:1"]).dtype().unwrap(),
+            ModelDType::BF16
+        );
+        let a = args(&["--device", "cuda", "--dtype", "f32"]);
+        assert_eq!(a.dtype().unwrap(), ModelDType::F32);
+        assert_eq!(a.gpu_memory_utilization, 0.9);
+    }
+
+    #[test]
+    fn bad_device_and_utilization_are_start_up_errors() {
+        for (flags, want) in [
+            (&["--device", "tpu"][..], "--device"),
+            (&["--gpu-memory-utilization", "0"][..], "(0, 1]"),
+            (&["--gpu-memory-utilization", "1.5"][..], "(0, 1]"),
+        ] {
+            let e = args(flags).validate().unwrap_err().to_string();
+            assert!(e.contains(want), "{flags:?}: {e}");
+        }
+        args(&["--device", "cuda:0", "--gpu-memory-utilization", "1"])
+            .validate()
+            .unwrap();
+        // Opening CUDA where there is none: a configuration error, not a panic.
+        if !medgemma_model::device::CUDA_BUILD {
+            let e = device("cuda").unwrap_err().to_string();
+            assert!(e.contains("--features cuda"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_plan_sizes_the_pools_and_kv_cache_bytes_wins() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../fixtures/configs/medgemma-4b-it.json");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let t = medgemma_model::ModelConfig::from_hf_json(&v, &path)
+            .unwrap()
+            .text;
+        let gib = 1usize << 30;
+        let input = PlanInput::for_model(&t, 80 * gib, 9 * gib, 8 * gib, 0.9, 2, 16, 64, 512);
+        let (plan, kv) = plan_kv(&input, KvCacheConfig::default()).unwrap();
+        assert_eq!(kv.max_bytes, Some(plan.kv_bytes));
+        assert_eq!(kv.paged_blocks, Some(plan.blocks));
+        let limit = KvCacheConfig {
+            max_bytes: Some(2 * gib),
+            ..KvCacheConfig::default()
+        };
+        let (_, kv) = plan_kv(&input, limit).unwrap();
+        assert_eq!(kv.max_bytes, Some(2 * gib));
+        let [s, g] = kv.paged_blocks.unwrap();
+        assert!(s * input.block_bytes[0] + g * input.block_bytes[1] <= 2 * gib);
+        // No room: the error names the flag.
+        let full = PlanInput::for_model(&t, 16 * gib, 15 * gib, 14 * gib, 0.9, 2, 16, 64, 512);
+        let e = plan_kv(&full, KvCacheConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("--gpu-memory-utilization"), "{e}");
+    }
 }

@@ -73,6 +73,7 @@ fn model_status(e: &ModelError) -> Status {
         | ModelError::TensorShape { .. }
         | ModelError::Checkpoint { .. }
         | ModelError::Dtype(_)
+        | ModelError::Device(_)
         | ModelError::Candle(_) => Status::internal(format!("model: {e}")),
     }
 }

@@ -114,11 +114,12 @@ pub async fn launch(
         .map_err(|e| GeneratorError::Config(e.to_string()))?;
     config.health_listen.clone_from(&args.tls.health_listen);
     config.validate()?;
+    args.validate()?;
     tracing::info!(
         listen = %args.listen,
         model = %args.model_path().display(),
         model_id = %config.model_id,
-        dtype = ?args.dtype,
+        dtype = ?args.dtype()?,
         device = %args.device,
         queue_capacity = config.queue_capacity,
         default_max_new_tokens = config.default_max_new_tokens,
@@ -127,9 +128,29 @@ pub async fn launch(
     );
     let running = serve(config, &args.listen, shutdown).await?;
     on_bound(running.local_addr);
-    let (model, tokenizer) = tokio::task::spawn_blocking(move || args.load())
-        .await
-        .map_err(|_| GeneratorError::WorkerGone)??;
-    running.start(Arc::new(model), Arc::new(tokenizer)).await?;
+    let (model, tokenizer, plan) = tokio::task::spawn_blocking(move || {
+        let (model, tokenizer) = args.load()?;
+        let plan = args.memory_plan(&model)?;
+        Ok::<_, GeneratorError>((model, tokenizer, plan))
+    })
+    .await
+    .map_err(|_| GeneratorError::WorkerGone)??;
+    let kv = plan.map(|(plan, kv)| {
+        // As vLLM does: the plan on stderr at start-up, whatever the log level.
+        eprintln!("memory plan: {plan}");
+        tracing::info!(
+            kv_cache_bytes = plan.kv_bytes,
+            max_context = plan.max_context,
+            max_batch_at_max_context = plan.max_batch_at_max_context,
+            max_batch_at_4k = plan.max_batch_at_4k,
+            "memory plan"
+        );
+        kv
+    });
+    running
+        .service
+        .start_with(Arc::new(model), Arc::new(tokenizer), kv)
+        .await?;
+    running.health.set_serving().await;
     Ok(running)
 }

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use medgemma_engine::constraint::ConstraintSpec;
 use medgemma_engine::generate::{FinishReason as EngineFinish, GenerationRequest};
 use medgemma_engine::sampling::{MAX_TOP_LOGPROBS, Sampled, SamplingParams};
-use medgemma_model::Gemma3;
+use medgemma_model::{Gemma3, KvCacheConfig};
 use medgemma_proto::generation::v1 as pb;
 use medgemma_proto::generation::v1::generator_server::{Generator, GeneratorServer};
 use medgemma_rpc::FieldViolation;
@@ -45,6 +45,8 @@ struct Ready {
     jobs: Queue<Job>,
     stats: Arc<WorkerStats>,
     info: ModelInfo,
+    /// The KV byte limit in force (the configured one, or the memory plan's).
+    kv_limit: Option<usize>,
 }
 
 struct Inner {
@@ -92,6 +94,18 @@ impl GeneratorService {
         model: Arc<Gemma3>,
         tokenizer: Arc<Tokenizer>,
     ) -> Result<(), GeneratorError> {
+        self.start_with(model, tokenizer, None).await
+    }
+
+    /// As [`GeneratorService::start`], with the KV cache configuration of a memory plan in
+    /// place of the configured one.
+    pub async fn start_with(
+        &self,
+        model: Arc<Gemma3>,
+        tokenizer: Arc<Tokenizer>,
+        kv: Option<KvCacheConfig>,
+    ) -> Result<(), GeneratorError> {
+        let kv = kv.unwrap_or(self.inner.config.kv_cache);
         if self.inner.ready.get().is_some() {
             return Err(GeneratorError::Config(
                 "the generator is already started".into(),
@@ -116,15 +130,10 @@ impl GeneratorService {
         let cfg = &self.inner.config;
         // Never more than running + waiting jobs are in the system (`submit`'s admission).
         let capacity = cfg.scheduler.max_running + cfg.queue_capacity;
-        let (tx, warm) = worker::spawn(
-            model,
-            tokenizer,
-            cfg.kv_cache,
-            cfg.scheduler,
-            capacity,
-            stats.clone(),
-        )
-        .map_err(|e| GeneratorError::Config(format!("cannot start the model thread: {e}")))?;
+        let (tx, warm) =
+            worker::spawn(model, tokenizer, kv, cfg.scheduler, capacity, stats.clone()).map_err(
+                |e| GeneratorError::Config(format!("cannot start the model thread: {e}")),
+            )?;
         let t = Instant::now();
         warm.await
             .map_err(|_| GeneratorError::WorkerGone)?
@@ -140,6 +149,7 @@ impl GeneratorService {
                 jobs: tx,
                 stats,
                 info,
+                kv_limit: kv.max_bytes,
             })
             .map_err(|_| GeneratorError::Config("the generator is already started".into()))
     }
@@ -172,6 +182,7 @@ impl GeneratorService {
             ..Default::default()
         };
         if let Some(r) = self.inner.ready.get() {
+            out.kv_bytes_limit = r.kv_limit.unwrap_or(0) as u64;
             let e = r.stats.engine();
             let in_system = r.stats.in_system.load(Ordering::Relaxed);
             out.active_sequences = e.running as u32;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
+use medgemma_model::DeviceSpec;
 use medgemma_vision::VisionEncoder;
 
 use crate::error::VisionServiceError;
@@ -33,9 +34,9 @@ pub struct VisionArgs {
     /// `demo-siglip-random`).
     #[arg(long, env = "MEDGEMMA_VISION_MODEL_ID")]
     pub model_id: Option<String>,
-    /// f32 (CPU) or bf16 (GPU). f16 is refused for Gemma 3.
-    #[arg(long, env = "MEDGEMMA_DTYPE", default_value = "f32")]
-    pub dtype: String,
+    /// f32 or bf16 (default: f32 on cpu, bf16 on cuda). f16 is refused for Gemma 3.
+    #[arg(long, env = "MEDGEMMA_DTYPE")]
+    pub dtype: Option<String>,
     /// cpu, or cuda / cuda:N (needs a build with the `cuda` feature).
     #[arg(long, env = "MEDGEMMA_DEVICE", default_value = "cpu")]
     pub device: String,
@@ -128,7 +129,11 @@ impl VisionArgs {
     }
 
     fn dtype(&self) -> Result<DType, VisionServiceError> {
-        match self.dtype.as_str() {
+        let default = match self.device.parse::<DeviceSpec>() {
+            Ok(DeviceSpec::Cuda(_)) => "bf16",
+            _ => "f32",
+        };
+        match self.dtype.as_deref().unwrap_or(default) {
             "f32" => Ok(DType::F32),
             "bf16" => Ok(DType::BF16),
             other => Err(VisionServiceError::Config(format!(
@@ -138,25 +143,8 @@ impl VisionArgs {
     }
 
     fn device(&self) -> Result<Device, VisionServiceError> {
-        match self.device.as_str() {
-            "cpu" => Ok(Device::Cpu),
-            s if s == "cuda" || s.starts_with("cuda:") => {
-                let ordinal = match s.strip_prefix("cuda:") {
-                    Some(n) => n.parse::<usize>().map_err(|_| {
-                        VisionServiceError::Config(format!("--device {s:?}: expected cuda:N"))
-                    })?,
-                    None => 0,
-                };
-                Device::new_cuda(ordinal).map_err(|e| {
-                    VisionServiceError::Config(format!(
-                        "--device {s}: this build has no CUDA support or no such GPU ({e})"
-                    ))
-                })
-            }
-            other => Err(VisionServiceError::Config(format!(
-                "--device {other:?}: expected cpu, cuda or cuda:N"
-            ))),
-        }
+        DeviceSpec::open_str(&self.device)
+            .map_err(|e| VisionServiceError::Config(format!("--device: {e}")))
     }
 
     /// Loads the tower (blocking: run it off the async runtime) and starts the service.

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// Shape of a random test model.
 #[derive(Debug, Clone, Copy)]
@@ -141,4 +141,37 @@ pub fn argmax(row: &Tensor) -> u32 {
             |b, (i, &x)| if x > b.1 { (i, x) } else { b },
         )
         .0 as u32
+}
+
+/// A tiny model's transformers goldens (fixtures/<model>/golden.{json,safetensors}).
+pub struct Golden {
+    pub cases: Vec<Value>,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+pub fn golden(model: &str) -> Golden {
+    let dir = repo_root().join("fixtures").join(model);
+    let json: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
+    Golden {
+        cases: json["cases"].as_array().unwrap().clone(),
+        tensors,
+    }
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn case<'a>(g: &'a Golden, name: &str) -> &'a Value {
+    g.cases
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
 }
