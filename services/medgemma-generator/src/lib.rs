@@ -15,6 +15,7 @@
 //! Prompts, token ids and generated text are never logged.
 
 mod config;
+mod convert;
 mod error;
 mod service;
 mod telemetry;

@@ -6,14 +6,11 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
-use medgemma_engine::constraint::ConstraintSpec;
-use medgemma_engine::generate::{FinishReason as EngineFinish, GenerationRequest};
-use medgemma_engine::sampling::{MAX_TOP_LOGPROBS, Sampled, SamplingParams};
+use medgemma_engine::generate::FinishReason as EngineFinish;
+use medgemma_engine::sampling::Sampled;
 use medgemma_model::{Gemma3, KvCacheConfig};
 use medgemma_proto::generation::v1 as pb;
 use medgemma_proto::generation::v1::generator_server::{Generator, GeneratorServer};
-use medgemma_rpc::FieldViolation;
 use medgemma_rpc::worker::{Pulse, Queue, SendError};
 use medgemma_tokenizer::Tokenizer;
 use tokio::sync::mpsc;
@@ -21,25 +18,9 @@ use tokio_stream::{Stream, StreamExt, wrappers::UnboundedReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::config::GeneratorConfig;
+use crate::convert::{Incoming, ModelInfo, Submitted};
 use crate::error::{GeneratorError, engine_status};
 use crate::worker::{self, Event, Finished, Job, JobError, WorkerStats};
-
-/// Most stop strings per request, and their longest length in bytes.
-const MAX_STOP_STRINGS: usize = 16;
-const MAX_STOP_STRING_BYTES: usize = 256;
-/// Most ids in `logprob_token_ids`.
-const MAX_LOGPROB_TOKEN_IDS: usize = 256;
-
-/// What requests are checked against.
-#[derive(Debug, Clone)]
-struct ModelInfo {
-    context_length: usize,
-    vocab_size: usize,
-    hidden_size: usize,
-    image_token_id: Option<u32>,
-    tokens_per_image: Option<u32>,
-    eos_token_ids: Vec<u32>,
-}
 
 struct Ready {
     jobs: Queue<Job>,
@@ -202,10 +183,9 @@ impl GeneratorService {
     }
 
     /// Validates and enqueues; the receiver gets the job's events.
-    fn submit<T>(
+    fn submit(
         &self,
-        request: Request<T>,
-        convert: impl FnOnce(T, &ModelInfo, &GeneratorConfig) -> Result<Submitted, Status>,
+        request: Request<pb::GenerateRequest>,
         stream: bool,
     ) -> Result<(mpsc::UnboundedReceiver<Event>, bool), Status> {
         let ready = self.ready()?;
@@ -213,7 +193,12 @@ impl GeneratorService {
         let Submitted {
             request,
             want_logprobs,
-        } = convert(request.into_inner(), &ready.info, &self.inner.config)?;
+        } = Submitted::try_from(Incoming {
+            request: request.into_inner(),
+            info: &ready.info,
+            config: &self.inner.config,
+        })
+        .map_err(medgemma_rpc::bad_request_violations)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let span = crate::telemetry::generate_span(
             &self.inner.config.model_id,
@@ -265,340 +250,6 @@ impl GeneratorService {
 
 /// The retry delay a queue-full rejection suggests (`google.rpc.RetryInfo`).
 const QUEUE_FULL_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
-
-/// A validated request and what the response needs from it.
-struct Submitted {
-    request: GenerationRequest,
-    want_logprobs: bool,
-}
-
-fn check_range(
-    violations: &mut Vec<FieldViolation>,
-    field: &str,
-    value: Option<f32>,
-    ok: impl Fn(f32) -> bool,
-    rule: &str,
-) {
-    if let Some(v) = value
-        && (v.is_nan() || !ok(v))
-    {
-        violations.push(FieldViolation::new(field, rule));
-    }
-}
-
-fn embeddings_tensor(
-    embeddings: &[pb::ImageEmbedding],
-    info: &ModelInfo,
-    violations: &mut Vec<FieldViolation>,
-) -> Option<(Tensor, usize)> {
-    let mut values: Vec<f32> = Vec::new();
-    let mut rows_total = 0usize;
-    for (i, e) in embeddings.iter().enumerate() {
-        let field = |f: &str| format!("image_embeddings[{i}].{f}");
-        let size = match e.dtype.as_str() {
-            "f32" => 4,
-            "bf16" => 2,
-            _ => {
-                violations.push(FieldViolation::new(field("dtype"), "must be f32 or bf16"));
-                continue;
-            }
-        };
-        let [rows, width] = e.shape[..] else {
-            violations.push(FieldViolation::new(
-                field("shape"),
-                "must be [rows, hidden_size]",
-            ));
-            continue;
-        };
-        let (rows, width) = (rows as usize, width as usize);
-        if width != info.hidden_size {
-            violations.push(FieldViolation::new(
-                field("shape"),
-                format!(
-                    "width {width} is not the model's hidden size {}",
-                    info.hidden_size
-                ),
-            ));
-            continue;
-        }
-        let want = rows.checked_mul(width).and_then(|n| n.checked_mul(size));
-        if want != Some(e.data.len()) {
-            violations.push(FieldViolation::new(
-                field("data"),
-                format!(
-                    "holds {} bytes; shape {:?} of {} needs {}",
-                    e.data.len(),
-                    e.shape,
-                    e.dtype,
-                    want.map_or_else(|| "too many".to_owned(), |n| n.to_string())
-                ),
-            ));
-            continue;
-        }
-        rows_total += rows;
-        if size == 4 {
-            values.extend(
-                e.data
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            );
-        } else {
-            values.extend(
-                e.data
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            );
-        }
-    }
-    if !violations.is_empty() || rows_total == 0 {
-        return None;
-    }
-    if values.iter().any(|v| !v.is_finite()) {
-        violations.push(FieldViolation::new(
-            "image_embeddings",
-            "hold NaN or infinite values",
-        ));
-        return None;
-    }
-    match Tensor::from_vec(values, (rows_total, info.hidden_size), &Device::Cpu) {
-        Ok(t) => Some((t, rows_total)),
-        Err(_) => {
-            violations.push(FieldViolation::new(
-                "image_embeddings",
-                "cannot be laid out as a [rows, hidden_size] tensor",
-            ));
-            None
-        }
-    }
-}
-
-/// `GenerateRequest` -> the engine's request, every field checked; all violations at once.
-fn convert(
-    req: pb::GenerateRequest,
-    info: &ModelInfo,
-    config: &GeneratorConfig,
-) -> Result<Submitted, Status> {
-    let mut v = Vec::new();
-    if req.prompt_ids.is_empty() {
-        v.push(FieldViolation::new("prompt_ids", "must not be empty"));
-    } else if req.prompt_ids.len() >= info.context_length {
-        v.push(FieldViolation::new(
-            "prompt_ids",
-            format!(
-                "{} tokens do not fit the model's context of {} tokens",
-                req.prompt_ids.len(),
-                info.context_length
-            ),
-        ));
-    }
-    if let Some(i) = req
-        .prompt_ids
-        .iter()
-        .position(|&id| id as usize >= info.vocab_size && Some(id) != info.image_token_id)
-    {
-        v.push(FieldViolation::new(
-            format!("prompt_ids[{i}]"),
-            format!("is outside the vocabulary (size {})", info.vocab_size),
-        ));
-    }
-    let image_tokens = info.image_token_id.map_or(0, |img| {
-        req.prompt_ids.iter().filter(|&&id| id == img).count()
-    });
-
-    let s = req.sampling.unwrap_or_default();
-    check_range(
-        &mut v,
-        "sampling.temperature",
-        s.temperature,
-        |t| t >= 0.0 && t.is_finite(),
-        "must be a number >= 0",
-    );
-    check_range(
-        &mut v,
-        "sampling.top_p",
-        s.top_p,
-        |p| p > 0.0 && p <= 1.0,
-        "must be in (0, 1]",
-    );
-    check_range(
-        &mut v,
-        "sampling.min_p",
-        s.min_p,
-        |p| (0.0..=1.0).contains(&p),
-        "must be in [0, 1]",
-    );
-    check_range(
-        &mut v,
-        "sampling.repetition_penalty",
-        s.repetition_penalty,
-        |p| p > 0.0 && p.is_finite(),
-        "must be > 0",
-    );
-    check_range(
-        &mut v,
-        "sampling.frequency_penalty",
-        s.frequency_penalty,
-        |p| (-2.0..=2.0).contains(&p),
-        "must be in [-2, 2]",
-    );
-    check_range(
-        &mut v,
-        "sampling.presence_penalty",
-        s.presence_penalty,
-        |p| (-2.0..=2.0).contains(&p),
-        "must be in [-2, 2]",
-    );
-    if s.top_k == Some(0) {
-        v.push(FieldViolation::new("sampling.top_k", "must be at least 1"));
-    }
-    if s.max_new_tokens == Some(0) {
-        v.push(FieldViolation::new(
-            "sampling.max_new_tokens",
-            "must be at least 1",
-        ));
-    }
-    if let Some(n) = s
-        .max_new_tokens
-        .filter(|&n| n > config.max_new_tokens_limit)
-    {
-        v.push(FieldViolation::new(
-            "sampling.max_new_tokens",
-            format!(
-                "{n} is over the limit of {} (--max-new-tokens-limit)",
-                config.max_new_tokens_limit
-            ),
-        ));
-    }
-    let top_logprobs = req.top_logprobs.unwrap_or(0) as usize;
-    if top_logprobs > MAX_TOP_LOGPROBS {
-        v.push(FieldViolation::new(
-            "top_logprobs",
-            format!("must be at most {MAX_TOP_LOGPROBS}"),
-        ));
-    }
-    if req.logprob_token_ids.len() > MAX_LOGPROB_TOKEN_IDS {
-        v.push(FieldViolation::new(
-            "logprob_token_ids",
-            format!("at most {MAX_LOGPROB_TOKEN_IDS} ids"),
-        ));
-    }
-    if let Some(i) = req
-        .logprob_token_ids
-        .iter()
-        .position(|&id| id as usize >= info.vocab_size)
-    {
-        v.push(FieldViolation::new(
-            format!("logprob_token_ids[{i}]"),
-            format!("is outside the vocabulary (size {})", info.vocab_size),
-        ));
-    }
-    if req.stop_strings.len() > MAX_STOP_STRINGS {
-        v.push(FieldViolation::new(
-            "stop_strings",
-            format!("at most {MAX_STOP_STRINGS}"),
-        ));
-    }
-    if let Some(i) = req
-        .stop_strings
-        .iter()
-        .position(|s| s.len() > MAX_STOP_STRING_BYTES)
-    {
-        v.push(FieldViolation::new(
-            format!("stop_strings[{i}]"),
-            format!("longer than {MAX_STOP_STRING_BYTES} bytes"),
-        ));
-    }
-    let constraint = match req.constraint.and_then(|c| c.kind) {
-        Some(
-            pb::constraint::Kind::JsonSchema(ref text) | pb::constraint::Kind::Regex(ref text),
-        ) if text.len() > config.max_constraint_bytes => {
-            v.push(FieldViolation::new(
-                "constraint",
-                format!(
-                    "{} bytes, over the limit of {} bytes (--max-constraint-bytes)",
-                    text.len(),
-                    config.max_constraint_bytes
-                ),
-            ));
-            None
-        }
-        None => None,
-        Some(pb::constraint::Kind::JsonSchema(text)) => {
-            match serde_json::from_str::<serde_json::Value>(&text) {
-                Ok(schema) => Some(ConstraintSpec::JsonSchema(schema)),
-                Err(_) => {
-                    v.push(FieldViolation::new(
-                        "constraint.json_schema",
-                        "is not valid JSON",
-                    ));
-                    None
-                }
-            }
-        }
-        Some(pb::constraint::Kind::Regex(re)) => {
-            if re.is_empty() {
-                v.push(FieldViolation::new("constraint.regex", "must not be empty"));
-                None
-            } else {
-                Some(ConstraintSpec::Regex(re))
-            }
-        }
-    };
-
-    let mut image_embeds = None;
-    if info.image_token_id.is_none() {
-        if !req.image_embeddings.is_empty() {
-            v.push(FieldViolation::new(
-                "image_embeddings",
-                "this model takes no image embeddings (it has no image token)",
-            ));
-        }
-    } else {
-        let got = embeddings_tensor(&req.image_embeddings, info, &mut v);
-        let rows = got.as_ref().map_or(0, |(_, rows)| *rows);
-        let shapes_ok = !v.iter().any(|x| x.field.starts_with("image_embeddings["));
-        if shapes_ok && rows != image_tokens {
-            v.push(FieldViolation::new(
-                "image_embeddings",
-                format!("{rows} embedding rows for {image_tokens} image tokens in prompt_ids"),
-            ));
-        }
-        image_embeds = got.map(|(t, _)| t);
-    }
-
-    if !v.is_empty() {
-        return Err(medgemma_rpc::bad_request_violations(v));
-    }
-    let defaults = SamplingParams::default();
-    let sampling = SamplingParams {
-        temperature: s.temperature.unwrap_or(defaults.temperature),
-        top_k: s.top_k.map(|k| k as usize),
-        top_p: s.top_p.unwrap_or(defaults.top_p),
-        min_p: s.min_p.unwrap_or(defaults.min_p),
-        repetition_penalty: s.repetition_penalty.unwrap_or(defaults.repetition_penalty),
-        frequency_penalty: s.frequency_penalty.unwrap_or(defaults.frequency_penalty),
-        presence_penalty: s.presence_penalty.unwrap_or(defaults.presence_penalty),
-        seed: s.seed.unwrap_or(defaults.seed),
-        top_logprobs,
-    };
-    // The engine's own checks, as field violations.
-    sampling
-        .validate()
-        .map_err(|e| engine_status(&medgemma_engine::EngineError::from(e)))?;
-    Ok(Submitted {
-        request: GenerationRequest {
-            prompt_ids: req.prompt_ids,
-            image_embeds,
-            sampling,
-            max_new_tokens: s.max_new_tokens.unwrap_or(config.default_max_new_tokens) as usize,
-            stop_strings: req.stop_strings,
-            ignore_eos: req.ignore_eos,
-            constraint,
-            logprob_token_ids: req.logprob_token_ids,
-        },
-        want_logprobs: req.top_logprobs.is_some(),
-    })
-}
 
 fn finish_reason(f: EngineFinish) -> pb::FinishReason {
     match f {
@@ -689,7 +340,7 @@ impl Generator for GeneratorService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (mut events, want_logprobs) = self.submit(request, convert, false)?;
+        let (mut events, want_logprobs) = self.submit(request, false)?;
         // Dropping this future (client gone, deadline) drops `events`: the job stops.
         while let Some(event) = events.recv().await {
             match event {
@@ -714,7 +365,7 @@ impl Generator for GeneratorService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let (events, want_logprobs) = self.submit(request, convert, true)?;
+        let (events, want_logprobs) = self.submit(request, true)?;
         let model_id = self.inner.config.model_id.clone();
         // The stream owns the receiver: when tonic drops it (client cancelled or disconnected),
         // the model thread sees a closed channel and stops at the next token.
