@@ -136,10 +136,21 @@ impl Default for SamplingParams {
     }
 }
 
-fn invalid(name: &'static str, reason: impl Into<String>) -> SamplingError {
-    SamplingError::InvalidParam {
-        name,
-        reason: reason.into(),
+/// One sampling setting out of range: the field and what is wrong with it (never its context).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamViolation {
+    /// Field name, as in [`SamplingParams`].
+    pub name: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl From<ParamViolation> for SamplingError {
+    fn from(v: ParamViolation) -> Self {
+        SamplingError::InvalidParam {
+            name: v.name,
+            reason: v.reason,
+        }
     }
 }
 
@@ -154,48 +165,57 @@ impl SamplingParams {
         self.temperature <= GREEDY_TEMPERATURE_EPSILON
     }
 
-    /// Checks every field; NaN / infinite values are rejected.
+    /// The first out-of-range field, as an error; see [`SamplingParams::violations`].
     pub fn validate(&self) -> Result<(), SamplingError> {
+        match self.violations().into_iter().next() {
+            Some(v) => Err(v.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Every out-of-range field (NaN and infinite values included), in field order. The one
+    /// set of rules for sampling settings: the services' edges turn these into
+    /// `google.rpc.BadRequest` field violations, [`Sampler::new`] refuses the first.
+    pub fn violations(&self) -> Vec<ParamViolation> {
+        let mut out = Vec::new();
+        let mut bad = |name, reason: String| out.push(ParamViolation { name, reason });
         let t = self.temperature;
         if !t.is_finite() || t < 0.0 {
-            return Err(invalid(
-                "temperature",
-                format!("must be finite and >= 0, got {t}"),
-            ));
-        }
-        if self.top_k == Some(0) {
-            return Err(invalid("top_k", "must be >= 1 (use None to disable)"));
+            bad("temperature", format!("must be finite and >= 0, got {t}"));
         }
         let p = self.top_p;
         if !p.is_finite() || p <= 0.0 || p > 1.0 {
-            return Err(invalid("top_p", format!("must be in (0, 1], got {p}")));
+            bad("top_p", format!("must be in (0, 1], got {p}"));
+        }
+        if self.top_k == Some(0) {
+            bad("top_k", "must be >= 1 (leave it unset for no top-k)".into());
         }
         let m = self.min_p;
         if !m.is_finite() || !(0.0..=1.0).contains(&m) {
-            return Err(invalid("min_p", format!("must be in [0, 1], got {m}")));
+            bad("min_p", format!("must be in [0, 1], got {m}"));
         }
         let r = self.repetition_penalty;
         if !r.is_finite() || r <= 0.0 {
-            return Err(invalid(
+            bad(
                 "repetition_penalty",
                 format!("must be finite and > 0, got {r}"),
-            ));
+            );
         }
         for (name, v) in [
             ("frequency_penalty", self.frequency_penalty),
             ("presence_penalty", self.presence_penalty),
         ] {
             if !v.is_finite() || !(-2.0..=2.0).contains(&v) {
-                return Err(invalid(name, format!("must be in [-2, 2], got {v}")));
+                bad(name, format!("must be in [-2, 2], got {v}"));
             }
         }
         if self.top_logprobs > MAX_TOP_LOGPROBS {
-            return Err(invalid(
+            bad(
                 "top_logprobs",
                 format!("must be <= {MAX_TOP_LOGPROBS}, got {}", self.top_logprobs),
-            ));
+            );
         }
-        Ok(())
+        out
     }
 }
 

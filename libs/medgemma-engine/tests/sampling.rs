@@ -503,3 +503,41 @@ fn bad_logits_are_errors_not_panics() {
         Err(SamplingError::NonFiniteLogit { token: 0 })
     );
 }
+
+#[test]
+fn violations_lists_every_bad_field_in_field_order() {
+    let p = SamplingParams {
+        temperature: -1.0,
+        top_p: f32::NAN,
+        top_k: Some(0),
+        min_p: 2.0,
+        repetition_penalty: 0.0,
+        frequency_penalty: 3.0,
+        presence_penalty: -3.0,
+        seed: 7,
+        top_logprobs: MAX_TOP_LOGPROBS + 1,
+    };
+    let names: Vec<&str> = p.violations().iter().map(|v| v.name).collect();
+    assert_eq!(
+        names,
+        [
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+            "top_logprobs"
+        ]
+    );
+    // `validate` (and so `Sampler::new`) refuses the first of them.
+    assert_eq!(
+        p.validate(),
+        Err(SamplingError::InvalidParam {
+            name: "temperature",
+            reason: p.violations()[0].reason.clone(),
+        })
+    );
+    assert!(SamplingParams::default().violations().is_empty());
+}

@@ -2,6 +2,7 @@
 //! collected as a `google.rpc.BadRequest` field violation; descriptions name limits, never
 //! content.
 
+use medgemma_engine::sampling::SamplingParams;
 use medgemma_proto::gateway::v1 as pb;
 use medgemma_rpc::FieldViolation;
 
@@ -125,21 +126,16 @@ impl Violations {
 fn sampling(s: Option<&pb::Sampling>, limits: &Limits, v: &mut Violations) -> Sampling {
     let default = pb::Sampling::default();
     let s = s.unwrap_or(&default);
-    if let Some(t) = s.temperature
-        && (!t.is_finite() || t < 0.0)
-    {
-        v.add("sampling.temperature", "must be a finite number >= 0");
-    }
-    if let Some(p) = s.top_p
-        && !(p.is_finite() && p > 0.0 && p <= 1.0)
-    {
-        v.add("sampling.top_p", "must be in (0, 1]");
-    }
-    if s.top_k == Some(0) {
-        v.add(
-            "sampling.top_k",
-            "must be at least 1 (leave it unset for no top-k)",
-        );
+    // The set fields judged by the engine's rules (the generator's edge uses the same ones).
+    let defaults = SamplingParams::default();
+    let params = SamplingParams {
+        temperature: s.temperature.unwrap_or(defaults.temperature),
+        top_p: s.top_p.unwrap_or(defaults.top_p),
+        top_k: s.top_k.map(|k| k as usize),
+        ..defaults
+    };
+    for p in params.violations() {
+        v.add(format!("sampling.{}", p.name), p.reason);
     }
     if let Some(n) = s.max_new_tokens
         && (n == 0 || n > limits.max_new_tokens_limit)

@@ -60,70 +60,28 @@ fn part<T>(converted: Result<T, Violations>, v: &mut Violations) -> Option<T> {
     converted.map_err(|mut e| v.append(&mut e)).ok()
 }
 
-fn check_range(
-    violations: &mut Violations,
-    field: &str,
-    value: Option<f32>,
-    ok: impl Fn(f32) -> bool,
-    rule: &str,
-) {
-    if let Some(v) = value
-        && (v.is_nan() || !ok(v))
-    {
-        violations.push(FieldViolation::new(field, rule));
-    }
-}
-
 impl TryFrom<pb::SamplingParams> for Sampling {
     type Error = Violations;
 
+    /// Unset fields take the engine's defaults; the engine's rules judge the set ones.
     fn try_from(s: pb::SamplingParams) -> Result<Self, Violations> {
-        let mut v = Vec::new();
-        check_range(
-            &mut v,
-            "sampling.temperature",
-            s.temperature,
-            |t| t >= 0.0 && t.is_finite(),
-            "must be a number >= 0",
-        );
-        check_range(
-            &mut v,
-            "sampling.top_p",
-            s.top_p,
-            |p| p > 0.0 && p <= 1.0,
-            "must be in (0, 1]",
-        );
-        check_range(
-            &mut v,
-            "sampling.min_p",
-            s.min_p,
-            |p| (0.0..=1.0).contains(&p),
-            "must be in [0, 1]",
-        );
-        check_range(
-            &mut v,
-            "sampling.repetition_penalty",
-            s.repetition_penalty,
-            |p| p > 0.0 && p.is_finite(),
-            "must be > 0",
-        );
-        check_range(
-            &mut v,
-            "sampling.frequency_penalty",
-            s.frequency_penalty,
-            |p| (-2.0..=2.0).contains(&p),
-            "must be in [-2, 2]",
-        );
-        check_range(
-            &mut v,
-            "sampling.presence_penalty",
-            s.presence_penalty,
-            |p| (-2.0..=2.0).contains(&p),
-            "must be in [-2, 2]",
-        );
-        if s.top_k == Some(0) {
-            v.push(FieldViolation::new("sampling.top_k", "must be at least 1"));
-        }
+        let defaults = SamplingParams::default();
+        let params = SamplingParams {
+            temperature: s.temperature.unwrap_or(defaults.temperature),
+            top_k: s.top_k.map(|k| k as usize),
+            top_p: s.top_p.unwrap_or(defaults.top_p),
+            min_p: s.min_p.unwrap_or(defaults.min_p),
+            repetition_penalty: s.repetition_penalty.unwrap_or(defaults.repetition_penalty),
+            frequency_penalty: s.frequency_penalty.unwrap_or(defaults.frequency_penalty),
+            presence_penalty: s.presence_penalty.unwrap_or(defaults.presence_penalty),
+            seed: s.seed.unwrap_or(defaults.seed),
+            top_logprobs: 0,
+        };
+        let mut v: Violations = params
+            .violations()
+            .into_iter()
+            .map(|p| FieldViolation::new(format!("sampling.{}", p.name), p.reason))
+            .collect();
         if s.max_new_tokens == Some(0) {
             v.push(FieldViolation::new(
                 "sampling.max_new_tokens",
@@ -133,19 +91,8 @@ impl TryFrom<pb::SamplingParams> for Sampling {
         if !v.is_empty() {
             return Err(v);
         }
-        let defaults = SamplingParams::default();
         Ok(Self {
-            params: SamplingParams {
-                temperature: s.temperature.unwrap_or(defaults.temperature),
-                top_k: s.top_k.map(|k| k as usize),
-                top_p: s.top_p.unwrap_or(defaults.top_p),
-                min_p: s.min_p.unwrap_or(defaults.min_p),
-                repetition_penalty: s.repetition_penalty.unwrap_or(defaults.repetition_penalty),
-                frequency_penalty: s.frequency_penalty.unwrap_or(defaults.frequency_penalty),
-                presence_penalty: s.presence_penalty.unwrap_or(defaults.presence_penalty),
-                seed: s.seed.unwrap_or(defaults.seed),
-                top_logprobs: 0,
-            },
+            params,
             max_new_tokens: s.max_new_tokens,
         })
     }
