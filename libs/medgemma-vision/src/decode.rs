@@ -14,6 +14,9 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 
+// The format sniffing is the contract's (the gateway checks uploads with the same function).
+use medgemma_proto::{ImageFormat as SourceFormat, image_format};
+
 use crate::error::{Result, VisionError};
 
 /// Limits and choices for [`decode_image`].
@@ -58,52 +61,6 @@ impl Default for DecodeOptions {
     }
 }
 
-/// The container formats [`decode_image`] reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SourceFormat {
-    Png,
-    Jpeg,
-    WebP,
-    Tiff,
-    /// A DICOM Part 10 file (128-byte preamble, then "DICM").
-    Dicom,
-}
-
-impl SourceFormat {
-    /// A short name for messages and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Png => "PNG",
-            Self::Jpeg => "JPEG",
-            Self::WebP => "WebP",
-            Self::Tiff => "TIFF",
-            Self::Dicom => "DICOM",
-        }
-    }
-}
-
-/// The format of `bytes`, from its magic bytes; `None` if it is none we read.
-pub fn detect_format(bytes: &[u8]) -> Option<SourceFormat> {
-    // DICOM first: a DICOM preamble may itself be a TIFF header (dual-format files).
-    if bytes.get(128..132) == Some(b"DICM".as_slice()) {
-        Some(SourceFormat::Dicom)
-    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
-        Some(SourceFormat::Png)
-    } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        Some(SourceFormat::Jpeg)
-    } else if bytes.len() >= 12 && bytes.starts_with(b"RIFF") && &bytes[8..12] == b"WEBP" {
-        Some(SourceFormat::WebP)
-    } else if bytes.starts_with(b"II*\0")
-        || bytes.starts_with(b"MM\0*")
-        || bytes.starts_with(b"II+\0")
-        || bytes.starts_with(b"MM\0+")
-    {
-        Some(SourceFormat::Tiff)
-    } else {
-        None
-    }
-}
-
 /// Decodes an encoded image to 8-bit RGB.
 ///
 /// Grayscale becomes RGB by repeating the channel; alpha is dropped (as PIL's
@@ -121,7 +78,7 @@ pub fn decode_image(bytes: &[u8], opts: &DecodeOptions) -> Result<RgbImage> {
             limit: opts.max_encoded_bytes,
         });
     }
-    let format = detect_format(bytes).ok_or(VisionError::UnknownFormat)?;
+    let format = image_format(bytes).ok_or(VisionError::UnknownFormat)?;
     let image = match format {
         SourceFormat::Dicom => guarded(format, || crate::dicom::decode_dicom(bytes, opts))?,
         SourceFormat::Png | SourceFormat::Jpeg | SourceFormat::WebP | SourceFormat::Tiff => {
@@ -356,29 +313,6 @@ pub(crate) fn scan_jpeg(bytes: &[u8]) -> std::result::Result<JpegInfo, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn formats_by_magic() {
-        assert_eq!(
-            detect_format(b"\x89PNG\r\n\x1a\nxx"),
-            Some(SourceFormat::Png)
-        );
-        assert_eq!(
-            detect_format(&[0xFF, 0xD8, 0xFF, 0xE0]),
-            Some(SourceFormat::Jpeg)
-        );
-        assert_eq!(
-            detect_format(b"RIFF\0\0\0\0WEBPVP8 "),
-            Some(SourceFormat::WebP)
-        );
-        assert_eq!(detect_format(b"II*\0\x08\0\0\0"), Some(SourceFormat::Tiff));
-        assert_eq!(detect_format(b"MM\0*\0\0\0\x08"), Some(SourceFormat::Tiff));
-        let mut dicom = vec![0u8; 132];
-        dicom[128..].copy_from_slice(b"DICM");
-        assert_eq!(detect_format(&dicom), Some(SourceFormat::Dicom));
-        assert_eq!(detect_format(b"GIF89a"), None);
-        assert_eq!(detect_format(b""), None);
-    }
 
     #[test]
     fn jpeg_scan_finds_size_and_end() {

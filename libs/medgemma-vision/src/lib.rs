@@ -27,7 +27,7 @@ pub mod hostile;
 pub mod preprocess;
 pub mod siglip;
 
-pub use decode::{DecodeOptions, SourceFormat, decode_image, detect_format};
+pub use decode::{DecodeOptions, decode_image};
 pub use encoder::{VisionEncoder, VisionModelConfig};
 pub use error::{Result, VisionError};
 pub use image::RgbImage;

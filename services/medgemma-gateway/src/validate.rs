@@ -231,19 +231,6 @@ pub fn multiple_choice(
     })
 }
 
-/// Whether `bytes` starts like a format the vision service reads (PNG, JPEG, WebP, TIFF,
-/// DICOM Part 10).
-pub fn looks_like_image(bytes: &[u8]) -> bool {
-    bytes.get(128..132) == Some(b"DICM".as_slice())
-        || bytes.starts_with(b"\x89PNG\r\n\x1a\n")
-        || bytes.starts_with(&[0xFF, 0xD8, 0xFF])
-        || (bytes.len() >= 12 && bytes.starts_with(b"RIFF") && &bytes[8..12] == b"WEBP")
-        || bytes.starts_with(b"II*\0")
-        || bytes.starts_with(b"MM\0*")
-        || bytes.starts_with(b"II+\0")
-        || bytes.starts_with(b"MM\0+")
-}
-
 /// Checks a `DraftRadiologyReport`.
 pub fn report(
     r: pb::DraftRadiologyReportRequest,
@@ -265,7 +252,7 @@ pub fn report(
                 limits.max_image_bytes
             ),
         );
-    } else if !looks_like_image(&image.data) {
+    } else if medgemma_proto::image_format(&image.data).is_none() {
         v.add(
             "image.data",
             "is not an image the service reads (PNG, JPEG, WebP, TIFF or DICOM)",

@@ -17,7 +17,7 @@ use candle_core::{DType, Tensor};
 use medgemma_proto::vision::v1 as pb;
 use medgemma_rpc::FieldViolation;
 use medgemma_rpc::worker::{self, Jobs, Pulse, Queue, SendError};
-use medgemma_vision::{DecodeOptions, VisionEncoder, detect_format};
+use medgemma_vision::{DecodeOptions, VisionEncoder};
 use pb::vision_encoder_server::{VisionEncoder as VisionEncoderRpc, VisionEncoderServer};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
@@ -399,7 +399,7 @@ impl VisionService {
                         s.max_image_bytes
                     ),
                 ));
-            } else if detect_format(&img.data).is_none() {
+            } else if medgemma_proto::image_format(&img.data).is_none() {
                 v.push(FieldViolation::new(
                     field,
                     "is not an image this service reads (PNG, JPEG, WebP, TIFF or DICOM Part 10)",
