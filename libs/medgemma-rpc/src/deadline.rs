@@ -1,8 +1,11 @@
-//! Deadlines: the `grpc-timeout` a caller sent, as an instant.
+//! Deadlines: the `grpc-timeout` a caller sent, as an instant; the one `Deadline` type of the
+//! services (the gateway forwards and enforces it, the generator and vision services stop
+//! waiting work at it).
 //!
 //! [`RpcLayer`](crate::RpcLayer) turns the header into a [`Deadline`] in the request's
 //! extensions when the call arrives, so the time a request waits (in a queue, behind another
-//! hop) counts against it. Handlers read what is left with [`remaining`].
+//! hop) counts against it. Handlers read it with [`Deadline::of`], what is left with
+//! [`remaining`].
 
 use std::time::Duration;
 
@@ -12,9 +15,88 @@ use tonic::Request;
 /// The gRPC timeout header.
 pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 
-/// When the caller stops waiting.
+/// When the caller stops waiting, if ever.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Deadline(pub Instant);
+pub struct Deadline(Option<Instant>);
+
+impl Deadline {
+    /// No deadline.
+    pub const NONE: Self = Self(None);
+
+    /// A deadline at `instant`.
+    pub fn at(instant: Instant) -> Self {
+        Self(Some(instant))
+    }
+
+    /// A deadline `after` from now (none if that is too far to represent).
+    pub fn after(after: Duration) -> Self {
+        Self(Instant::now().checked_add(after))
+    }
+
+    /// The deadline of a request: the one [`RpcLayer`](crate::RpcLayer) recorded on arrival,
+    /// else the `grpc-timeout` in its metadata counted from now; bounded by `cap` when one is
+    /// given.
+    pub fn of<T>(request: &Request<T>, cap: Option<Duration>) -> Self {
+        let asked = request
+            .extensions()
+            .get::<Deadline>()
+            .and_then(|d| d.0)
+            .or_else(|| {
+                let timeout = request
+                    .metadata()
+                    .get(GRPC_TIMEOUT)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_grpc_timeout)?;
+                Instant::now().checked_add(timeout)
+            });
+        let capped = cap.and_then(|c| Instant::now().checked_add(c));
+        Self(match (asked, capped) {
+            (Some(a), Some(c)) => Some(a.min(c)),
+            (a, c) => a.or(c),
+        })
+    }
+
+    /// The deadline of a call that arrived at `now` with these headers.
+    pub fn from_headers(headers: &http::HeaderMap, now: Instant) -> Self {
+        let timeout = headers
+            .get(GRPC_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        // A timeout too large to add is no deadline at all.
+        Self(timeout.and_then(|t| now.checked_add(t)))
+    }
+
+    /// The instant, if any.
+    pub fn instant(self) -> Option<Instant> {
+        self.0
+    }
+
+    /// Time left: `None` without a deadline, `Some(ZERO)` once passed.
+    pub fn remaining(self) -> Option<Duration> {
+        self.0.map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// Whether the deadline has passed.
+    pub fn expired(self) -> bool {
+        self.remaining().is_some_and(|r| r.is_zero())
+    }
+
+    /// Sleeps until the deadline (forever without one).
+    pub async fn sleep(self) {
+        match self.0 {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Sets the remaining time as an outgoing request's `grpc-timeout`.
+    pub fn apply<T>(self, req: &mut Request<T>) {
+        if let Some(r) = self.remaining() {
+            // A zero timeout would read as "no deadline" to some servers: 1 ms is already over.
+            req.set_timeout(r.max(Duration::from_millis(1)));
+        }
+    }
+}
 
 /// Parses a `grpc-timeout` value: 1 to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -37,32 +119,9 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// The deadline of a call that arrived at `now` with these headers, if it has one.
-pub fn from_headers(headers: &http::HeaderMap, now: Instant) -> Option<Deadline> {
-    let timeout = headers
-        .get(GRPC_TIMEOUT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_grpc_timeout)?;
-    // A timeout too large to add is no deadline at all.
-    now.checked_add(timeout).map(Deadline)
-}
-
-/// The deadline of a request: the one [`RpcLayer`](crate::RpcLayer) recorded on arrival, else
-/// the `grpc-timeout` in its metadata counted from now.
-pub fn deadline<T>(request: &Request<T>) -> Option<Deadline> {
-    request.extensions().get::<Deadline>().copied().or_else(|| {
-        let timeout = request
-            .metadata()
-            .get(GRPC_TIMEOUT)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)?;
-        Instant::now().checked_add(timeout).map(Deadline)
-    })
-}
-
 /// Time left before the request's deadline (zero once passed); `None` when it has none.
 pub fn remaining<T>(request: &Request<T>) -> Option<Duration> {
-    deadline(request).map(|Deadline(at)| at.saturating_duration_since(Instant::now()))
+    Deadline::of(request, None).remaining()
 }
 
 #[cfg(test)]
@@ -103,7 +162,20 @@ mod tests {
         let mut req = Request::new(());
         req.set_timeout(Duration::from_secs(100));
         let at = Instant::now();
-        req.extensions_mut().insert(Deadline(at));
+        req.extensions_mut().insert(Deadline::at(at));
         assert_eq!(remaining(&req), Some(Duration::ZERO));
+    }
+
+    #[tokio::test]
+    async fn metadata_and_cap() {
+        let mut req = Request::new(());
+        assert_eq!(Deadline::of(&req, None), Deadline::NONE);
+        req.set_timeout(Duration::from_secs(10));
+        let d = Deadline::of(&req, Some(Duration::from_secs(1)));
+        assert!(d.remaining().unwrap() <= Duration::from_secs(1));
+        let d = Deadline::of(&req, None);
+        assert!(d.remaining().unwrap() > Duration::from_secs(9));
+        assert!(!d.expired());
+        assert!(Deadline::after(Duration::ZERO).expired());
     }
 }

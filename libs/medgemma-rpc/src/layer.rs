@@ -20,7 +20,7 @@ use tower_service::Service;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::deadline::{self, Deadline};
+use crate::deadline::Deadline;
 use crate::trace::{self, HeaderExtractor, TraceContext};
 
 /// Wraps a gRPC router; see the module docs.
@@ -299,11 +299,11 @@ where
         });
         span.record("trace_id", tracing::field::display(ctx.trace_id()));
         span.record("span_id", tracing::field::display(ctx.span_id()));
-        let deadline = deadline::from_headers(request.headers(), arrived);
+        let deadline = Deadline::from_headers(request.headers(), arrived);
         request.extensions_mut().insert(ctx);
         request.extensions_mut().insert(Task(task));
-        if let Some(d) = deadline {
-            request.extensions_mut().insert(d);
+        if deadline.instant().is_some() {
+            request.extensions_mut().insert(deadline);
         }
         let record = CallRecord {
             service,
@@ -317,9 +317,9 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let fut = async move {
             let call = inner.call(request);
-            let response = match deadline {
+            let response = match deadline.instant() {
                 None => call.await?,
-                Some(Deadline(at)) => match tokio::time::timeout_at(at, call).await {
+                Some(at) => match tokio::time::timeout_at(at, call).await {
                     Ok(response) => response?,
                     Err(_) => {
                         tracing::debug!("deadline expired before the response started");

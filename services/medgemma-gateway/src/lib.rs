@@ -18,7 +18,6 @@
 pub mod audit;
 pub mod auth;
 pub mod config;
-pub mod deadline;
 pub mod error;
 pub mod pool;
 pub mod prompt;

@@ -15,10 +15,10 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::audit::{AuditNote, HasUsage};
-use crate::deadline::Deadline;
 use crate::error::GatewayError;
 use crate::tasks::{CallCtx, Deltas, Tasks};
 use crate::validate::{self, Limits};
+use medgemma_rpc::deadline::Deadline;
 
 /// How many stream messages may wait for a slow caller.
 const STREAM_BUFFER: usize = 32;

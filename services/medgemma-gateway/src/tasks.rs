@@ -18,12 +18,12 @@ use tokio::time::Instant;
 use tonic::{Code, Request};
 use tracing::Instrument;
 
-use crate::deadline::Deadline;
 use crate::error::GatewayError;
 use crate::pool::Pool;
 use crate::prompt::{self, OPTION_LETTERS};
 use crate::structured::{self, Report, Summary};
 use crate::validate::{AskTask, DeidentifyTask, McqTask, ReportTask, Sampling, SummarizeTask};
+use medgemma_rpc::deadline::Deadline;
 
 /// Where text deltas of a streaming task go.
 pub type Deltas = mpsc::Sender<String>;

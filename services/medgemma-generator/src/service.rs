@@ -189,7 +189,9 @@ impl GeneratorService {
         stream: bool,
     ) -> Result<(mpsc::UnboundedReceiver<Event>, bool), Status> {
         let ready = self.ready()?;
-        let deadline = medgemma_rpc::deadline::deadline(&request).map(|d| d.0.into_std());
+        let deadline = medgemma_rpc::deadline::Deadline::of(&request, None)
+            .instant()
+            .map(tokio::time::Instant::into_std);
         let Submitted {
             request,
             want_logprobs,
