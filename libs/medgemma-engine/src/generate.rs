@@ -310,9 +310,9 @@ impl Sequence {
 }
 
 impl Engine {
-    /// Wraps a model and tokenizer with the default scheduler settings. Stop ids are the
-    /// model's eos ids, the tokenizer's, and `<end_of_turn>` (a chat turn ends with it;
-    /// stopping on `<eos>` alone runs to the budget).
+    /// Wraps a model and tokenizer with the default scheduler settings. Stop ids are
+    /// [`stop_ids`]: the model's eos ids and the tokenizer's, `<end_of_turn>` among them (a chat
+    /// turn ends with it; stopping on `<eos>` alone runs to the budget).
     pub fn new(model: Arc<Gemma3>, tokenizer: Arc<Tokenizer>, kv: KvCacheConfig) -> Self {
         Self::with_scheduler(model, tokenizer, kv, SchedulerConfig::default())
     }
@@ -921,18 +921,16 @@ impl Engine {
     }
 }
 
-/// The ids that end a sequence: the model's eos ids, the tokenizer's, and `<end_of_turn>`.
+/// The ids that end a sequence, assembled here only (the engine, the generator's `Info` and
+/// its constraint masks all read this list): the model config's eos ids, then the tokenizer's
+/// stop tokens, which already hold `<eos>` and `<end_of_turn>` (the tokenizer looks them up by
+/// name in its vocabulary when it loads, whichever file it was built from).
 pub fn stop_ids(model: &Gemma3, tokenizer: &Tokenizer) -> Vec<u32> {
     let mut ids = model.config().text.eos_token_ids.clone();
     for &id in tokenizer.eos_ids() {
         if !ids.contains(&id) {
             ids.push(id);
         }
-    }
-    if let Some(id) = tokenizer.token_to_id("<end_of_turn>")
-        && !ids.contains(&id)
-    {
-        ids.push(id);
     }
     ids
 }
