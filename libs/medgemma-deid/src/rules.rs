@@ -405,25 +405,28 @@ impl Rules {
         }
     }
 
-    /// Every finding in `text` (unresolved: findings may overlap).
-    // Longer than 120 lines on purpose: one short block per recognizer, in the order of the
-    // table in `new`, each independent of the others.
+    /// Every finding in `text` (unresolved: findings may overlap), one recognizer group after
+    /// another in the order of the table in `new`.
     pub fn find(&self, text: &str) -> Vec<Cand> {
         let mut out = Vec::new();
-        let push = |out: &mut Vec<Cand>, start: usize, end: usize, ty: PhiType, conf: f32| {
-            if start < end {
-                out.push(Cand {
-                    start,
-                    end,
-                    ty,
-                    conf,
-                });
-            }
-        };
-        let has_digit = text.bytes().any(|b| b.is_ascii_digit());
-        let has_han = text.chars().any(is_han);
+        self.find_context_ids(text, &mut out);
+        self.find_web(text, &mut out);
+        if text.bytes().any(|b| b.is_ascii_digit()) {
+            self.find_numeric(text, &mut out);
+        }
+        self.find_devices(text, &mut out);
+        self.find_dates_en(text, &mut out);
+        self.find_addresses_en(text, &mut out);
+        self.find_names_en(text, &mut out);
+        self.find_orgs_en(text, &mut out);
+        if text.chars().any(is_han) {
+            self.find_chinese(text, &mut out);
+        }
+        out
+    }
 
-        // Context-led identifiers.
+    /// Context-led identifiers (a label such as "MRN" or "phone", then the id).
+    fn find_context_ids(&self, text: &str, out: &mut Vec<Cand>) {
         for rule in &self.context {
             for c in rule.re.captures_iter(text) {
                 let m = c.name("id").expect("id group");
@@ -441,80 +444,90 @@ impl Rules {
                     IdShape::PhoneNumber => (7..=15).contains(&digits),
                 };
                 if ok {
-                    push(&mut out, s, e, rule.ty, 0.9);
+                    push(out, s, e, rule.ty, 0.9);
                 }
             }
         }
+    }
 
+    /// E-mail addresses and URLs.
+    fn find_web(&self, text: &str, out: &mut Vec<Cand>) {
         for m in self.email.find_iter(text) {
-            push(&mut out, m.start(), m.end(), PhiType::Email, 0.99);
+            push(out, m.start(), m.end(), PhiType::Email, 0.99);
         }
         for m in self.url.find_iter(text) {
             let e = m.start()
                 + text[m.start()..m.end()]
                     .trim_end_matches(['.', ',', ';', ':', '!', '?'])
                     .len();
-            push(&mut out, m.start(), e, PhiType::Url, 0.97);
+            push(out, m.start(), e, PhiType::Url, 0.97);
         }
-        if has_digit {
-            self.find_numeric(text, &mut out);
-        }
+    }
+
+    /// IP and MAC addresses, vehicle ids, photo file names.
+    fn find_devices(&self, text: &str, out: &mut Vec<Cand>) {
         for m in self.ipv6.find_iter(text) {
             let v = m.as_str();
             // "10:30:00" is a time; an address has letters or many groups.
             if v.matches(':').count() >= 3 {
-                push(&mut out, m.start(), m.end(), PhiType::Ip, 0.9);
+                push(out, m.start(), m.end(), PhiType::Ip, 0.9);
             }
         }
         for m in self.mac.find_iter(text) {
-            push(&mut out, m.start(), m.end(), PhiType::Device, 0.85);
+            push(out, m.start(), m.end(), PhiType::Device, 0.85);
         }
         for m in self.vin.find_iter(text) {
             let v = m.as_str().as_bytes();
             let digits = v.iter().filter(|b| b.is_ascii_digit()).count();
             if digits >= 3 && v.len() - digits >= 3 {
-                push(&mut out, m.start(), m.end(), PhiType::Vehicle, 0.8);
+                push(out, m.start(), m.end(), PhiType::Vehicle, 0.8);
             }
         }
         for m in self.photo_file.find_iter(text) {
-            push(&mut out, m.start(), m.end(), PhiType::Photo, 0.6);
+            push(out, m.start(), m.end(), PhiType::Photo, 0.6);
         }
+    }
 
-        // English dates with month names.
+    /// English dates with month names.
+    fn find_dates_en(&self, text: &str, out: &mut Vec<Cand>) {
         for re in [
             &self.date_month_first,
             &self.date_day_first,
             &self.date_dmy_abbr,
         ] {
             for m in re.find_iter(text) {
-                push(&mut out, m.start(), m.end(), PhiType::Date, 0.9);
+                push(out, m.start(), m.end(), PhiType::Date, 0.9);
             }
         }
+    }
 
-        // Addresses (English).
+    /// Addresses (English): streets, city-state-zip, cities after a cue, counties.
+    fn find_addresses_en(&self, text: &str, out: &mut Vec<Cand>) {
         for m in self.street_en.find_iter(text) {
-            push(&mut out, m.start(), m.end(), PhiType::Address, 0.85);
+            push(out, m.start(), m.end(), PhiType::Address, 0.85);
         }
         for c in self.city_state_zip.captures_iter(text) {
             if let Some(city) = c.name("city").or_else(|| c.name("city2")) {
-                push(&mut out, city.start(), city.end(), PhiType::Address, 0.8);
+                push(out, city.start(), city.end(), PhiType::Address, 0.8);
             }
             if let Some(z) = c.name("zip") {
-                push(&mut out, z.start(), z.end(), PhiType::Zip, 0.9);
+                push(out, z.start(), z.end(), PhiType::Zip, 0.9);
             }
         }
         for c in self.city_ctx.captures_iter(text) {
             let city = c.name("city").expect("city");
             let (s, e) = strip_leading(text, city.start(), city.end(), ORG_NOT_FIRST);
             if !COUNTRIES.contains(&&text[s..e]) {
-                push(&mut out, s, e, PhiType::Address, 0.7);
+                push(out, s, e, PhiType::Address, 0.7);
             }
         }
         for m in self.county.find_iter(text) {
-            push(&mut out, m.start(), m.end(), PhiType::Address, 0.8);
+            push(out, m.start(), m.end(), PhiType::Address, 0.8);
         }
+    }
 
-        // Names (English).
+    /// Names (English): after a title, a label, before a suffix, before a verb.
+    fn find_names_en(&self, text: &str, out: &mut Vec<Cand>) {
         for (re, conf) in [
             (&self.name_title, 0.85),
             (&self.name_label, 0.8),
@@ -525,32 +538,43 @@ impl Rules {
                 let n = c.name("n").expect("n");
                 let (s, e) = strip_words(text, n.start(), n.end(), &self.not_names);
                 if e > s && text[s..e].chars().filter(|c| c.is_alphabetic()).count() >= 2 {
-                    push(&mut out, s, e, PhiType::Name, conf);
+                    push(out, s, e, PhiType::Name, conf);
                 }
             }
         }
+    }
 
-        // Organisations (English).
+    /// Organisations (English).
+    fn find_orgs_en(&self, text: &str, out: &mut Vec<Cand>) {
         for re in [&self.org_en, &self.org_company] {
             for c in re.captures_iter(text) {
                 let o = c.name("o").expect("o");
                 let (s, e) = strip_leading(text, o.start(), o.end(), ORG_NOT_FIRST);
                 if e > s && !is_department(&text[s..e]) && text[s..e].contains(' ') {
-                    push(&mut out, s, e, PhiType::Organization, 0.75);
+                    push(out, s, e, PhiType::Organization, 0.75);
                 }
             }
         }
         for c in self.org_ctx.captures_iter(text) {
             let o = c.name("o").expect("o");
-            push(&mut out, o.start(), o.end(), PhiType::Organization, 0.75);
+            push(out, o.start(), o.end(), PhiType::Organization, 0.75);
         }
-
-        if has_han {
-            self.find_chinese(text, &mut out);
-        }
-        out
     }
+}
 
+/// Adds a finding when its span is not empty.
+fn push(out: &mut Vec<Cand>, start: usize, end: usize, ty: PhiType, conf: f32) {
+    if start < end {
+        out.push(Cand {
+            start,
+            end,
+            ty,
+            conf,
+        });
+    }
+}
+
+impl Rules {
     fn find_numeric(&self, text: &str, out: &mut Vec<Cand>) {
         let mut push = |start: usize, end: usize, ty: PhiType, conf: f32| {
             if start < end {
