@@ -48,8 +48,7 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
     (m, v.sqrt())
 }
 
-// Longer than 120 lines on purpose: a benchmark procedure read top to bottom (load, warm up,
-// time ours, run the peer, print the table), not library code.
+/// `medgemma bench`: load, time ours, run the peer, print the table.
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let model_path = a
         .model
@@ -65,46 +64,91 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let opts =
         crate::generate::load_options(Some(ModelDType::F32), "cpu", None, a.dequantize, None)?;
     let model = Gemma3::load(&model_path, &opts)?;
-    let vocab = model.config().text.vocab_size as u32;
-    // Deterministic pseudo-random prompt, like llama-bench's random tokens.
+    let prompt = bench_prompt(model.config().text.vocab_size as u32, a.prompt_tokens);
+    let (pp, tg) = time_ours(&model, &prompt, &a)?;
+    let mut rows = Vec::new();
+    for (test, samples) in [
+        (format!("pp{}", a.prompt_tokens), &pp),
+        (format!("tg{}", a.gen_tokens), &tg),
+    ] {
+        let (tok_s, stddev) = mean_sd(samples);
+        rows.push(Row {
+            engine: "medgemma".into(),
+            test,
+            tok_s,
+            stddev,
+        });
+    }
+    let llama = a.llama_bench.clone().or_else(|| which("llama-bench"));
+    let mut llama_cmd = None;
+    if let Some(lb) = llama.filter(|p| p.exists()) {
+        let (peer_rows, cmdline) = run_llama_bench(&lb, &model_path, threads, &a)?;
+        rows.extend(peer_rows);
+        llama_cmd = Some(cmdline);
+    }
+    println!(
+        "model: {} ({} threads, {})",
+        model_path.display(),
+        threads,
+        if a.dequantize {
+            "dequantized f32"
+        } else {
+            "quantized"
+        }
+    );
+    print_table(&rows, llama_cmd.as_deref(), threads, a.json);
+    Ok(())
+}
+
+/// A deterministic pseudo-random prompt of `n` tokens, like llama-bench's random tokens.
+fn bench_prompt(vocab: u32, n: usize) -> Vec<u32> {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let prompt: Vec<u32> = (0..a.prompt_tokens)
+    (0..n)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             1000 + (x % u64::from(vocab - 2000)) as u32
         })
-        .collect();
+        .collect()
+}
+
+/// One forward of `tokens` for the sequence `s`, the last row's logits.
+fn forward_last(
+    model: &Gemma3,
+    kv: &mut medgemma_model::KvCache,
+    s: &mut medgemma_model::SequenceKv,
+    tokens: &[u32],
+) -> anyhow::Result<Option<candle_core::Tensor>> {
+    let mut out = model.forward(
+        kv,
+        &mut [SeqInput {
+            kv: s,
+            tokens,
+            image_embeds: None,
+            logits: LogitsRows::Last,
+        }],
+    )?;
+    Ok(out.swap_remove(0))
+}
+
+/// Our prefill and decode tokens/s, one sample per repetition, after a warm-up.
+fn time_ours(
+    model: &Gemma3,
+    prompt: &[u32],
+    a: &BenchArgs,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let mut kv = model.new_kv_cache(KvCacheConfig::default());
     // Warm-up.
-    {
-        let mut s = kv.new_sequence();
-        model.forward(
-            &mut kv,
-            &mut [SeqInput {
-                kv: &mut s,
-                tokens: &prompt[..prompt.len().min(16)],
-                image_embeds: None,
-                logits: LogitsRows::Last,
-            }],
-        )?;
-        kv.release(&mut s);
-    }
+    let mut s = kv.new_sequence();
+    forward_last(model, &mut kv, &mut s, &prompt[..prompt.len().min(16)])?;
+    kv.release(&mut s);
     let mut pp = Vec::new();
     let mut tg = Vec::new();
     for _ in 0..a.reps {
         let mut s = kv.new_sequence();
         let t0 = Instant::now();
-        model.forward(
-            &mut kv,
-            &mut [SeqInput {
-                kv: &mut s,
-                tokens: &prompt,
-                image_embeds: None,
-                logits: LogitsRows::Last,
-            }],
-        )?;
+        forward_last(model, &mut kv, &mut s, prompt)?;
         pp.push(prompt.len() as f64 / t0.elapsed().as_secs_f64());
         kv.release(&mut s);
         // Decode from an empty context, as llama-bench's tg test does.
@@ -112,17 +156,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         let mut tok = 2u32;
         let t0 = Instant::now();
         for _ in 0..a.gen_tokens {
-            let out = model.forward(
-                &mut kv,
-                &mut [SeqInput {
-                    kv: &mut s,
-                    tokens: &[tok],
-                    image_embeds: None,
-                    logits: LogitsRows::Last,
-                }],
-            )?;
-            let row: Vec<f32> = out[0]
-                .as_ref()
+            let row: Vec<f32> = forward_last(model, &mut kv, &mut s, &[tok])?
                 .context("no logits")?
                 .squeeze(0)?
                 .to_vec1()?;
@@ -138,84 +172,70 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         tg.push(a.gen_tokens as f64 / t0.elapsed().as_secs_f64());
         kv.release(&mut s);
     }
-    let mut rows = Vec::new();
-    let (m, sd) = mean_sd(&pp);
-    rows.push(Row {
-        engine: "medgemma".into(),
-        test: format!("pp{}", a.prompt_tokens),
-        tok_s: m,
-        stddev: sd,
-    });
-    let (m, sd) = mean_sd(&tg);
-    rows.push(Row {
-        engine: "medgemma".into(),
-        test: format!("tg{}", a.gen_tokens),
-        tok_s: m,
-        stddev: sd,
-    });
+    Ok((pp, tg))
+}
 
-    let llama = a.llama_bench.clone().or_else(|| which("llama-bench"));
-    let mut llama_cmd = None;
-    if let Some(lb) = llama.filter(|p| p.exists()) {
-        let args = vec![
-            "-m".to_string(),
-            model_path.display().to_string(),
-            "-t".into(),
-            threads.to_string(),
-            "-p".into(),
-            a.prompt_tokens.to_string(),
-            "-n".into(),
-            a.gen_tokens.to_string(),
-            "-r".into(),
-            a.reps.to_string(),
-            "-o".into(),
-            "json".into(),
-        ];
-        let cmdline = format!("{} {}", lb.display(), args.join(" "));
-        let out = Command::new(&lb)
-            .args(&args)
-            .output()
-            .with_context(|| format!("running {cmdline}"))?;
-        if !out.status.success() {
-            eprintln!(
-                "llama-bench failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        } else {
-            let v: serde_json::Value =
-                serde_json::from_slice(&out.stdout).context("parsing llama-bench JSON")?;
-            for r in v.as_array().into_iter().flatten() {
-                let np = r["n_prompt"].as_u64().unwrap_or(0);
-                let ng = r["n_gen"].as_u64().unwrap_or(0);
-                let test = if np > 0 {
-                    format!("pp{np}")
-                } else {
-                    format!("tg{ng}")
-                };
-                rows.push(Row {
-                    engine: "llama.cpp".into(),
-                    test,
-                    tok_s: r["avg_ts"].as_f64().unwrap_or(0.0),
-                    stddev: r["stddev_ts"].as_f64().unwrap_or(0.0),
-                });
-            }
-        }
-        llama_cmd = Some(cmdline);
+/// llama.cpp's `llama-bench` on the same model and settings: its rows and the command line
+/// (no rows when it failed).
+fn run_llama_bench(
+    lb: &std::path::Path,
+    model_path: &std::path::Path,
+    threads: usize,
+    a: &BenchArgs,
+) -> anyhow::Result<(Vec<Row>, String)> {
+    let args = vec![
+        "-m".to_string(),
+        model_path.display().to_string(),
+        "-t".into(),
+        threads.to_string(),
+        "-p".into(),
+        a.prompt_tokens.to_string(),
+        "-n".into(),
+        a.gen_tokens.to_string(),
+        "-r".into(),
+        a.reps.to_string(),
+        "-o".into(),
+        "json".into(),
+    ];
+    let cmdline = format!("{} {}", lb.display(), args.join(" "));
+    let out = Command::new(lb)
+        .args(&args)
+        .output()
+        .with_context(|| format!("running {cmdline}"))?;
+    let mut rows = Vec::new();
+    if !out.status.success() {
+        eprintln!(
+            "llama-bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return Ok((rows, cmdline));
     }
-    println!(
-        "model: {} ({} threads, {})",
-        model_path.display(),
-        threads,
-        if a.dequantize {
-            "dequantized f32"
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing llama-bench JSON")?;
+    for r in v.as_array().into_iter().flatten() {
+        let np = r["n_prompt"].as_u64().unwrap_or(0);
+        let ng = r["n_gen"].as_u64().unwrap_or(0);
+        let test = if np > 0 {
+            format!("pp{np}")
         } else {
-            "quantized"
-        }
-    );
+            format!("tg{ng}")
+        };
+        rows.push(Row {
+            engine: "llama.cpp".into(),
+            test,
+            tok_s: r["avg_ts"].as_f64().unwrap_or(0.0),
+            stddev: r["stddev_ts"].as_f64().unwrap_or(0.0),
+        });
+    }
+    Ok((rows, cmdline))
+}
+
+/// The table (ours beside llama.cpp, with the ratio), the peer's command, and JSON if asked.
+fn print_table(rows: &[Row], llama_cmd: Option<&str>, threads: usize, json: bool) {
     println!("| engine    | test  |      tok/s |   ± | vs llama.cpp |");
     println!("|-----------|-------|-----------:|----:|-------------:|");
     let mut json_rows = Vec::new();
-    for r in &rows {
+    for r in rows {
         let peer = rows
             .iter()
             .find(|p| p.engine == "llama.cpp" && p.test == r.test)
@@ -230,19 +250,18 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         );
         json_rows.push(serde_json::json!({"engine": r.engine, "test": r.test, "tok_s": r.tok_s, "stddev": r.stddev}));
     }
-    match &llama_cmd {
+    match llama_cmd {
         Some(c) => println!("llama.cpp command: {c}"),
         None => println!(
             "llama.cpp: not found (pass --llama-bench PATH; see tools/llama-cpp/README.md)"
         ),
     }
-    if a.json {
+    if json {
         println!(
             "{}",
             serde_json::json!({"threads": threads, "rows": json_rows, "llama_cpp_command": llama_cmd})
         );
     }
-    Ok(())
 }
 
 pub(crate) fn which(name: &str) -> Option<PathBuf> {

@@ -283,16 +283,67 @@ fn summarize(
     }
 }
 
-// Longer than 120 lines on purpose: one benchmark level read top to bottom (start, send,
-// collect, summarise), not library code.
+/// Every concurrency level against our generator (and llama-server, when present), then the
+/// shared-prefix and gateway runs, then the table.
 async fn bench(
     a: BenchServeArgs,
     path: PathBuf,
     model: Arc<Gemma3>,
     tokenizer: Arc<Tokenizer>,
 ) -> anyhow::Result<()> {
-    let vocab = model.config().text.vocab_size as u32;
     let threads = candle_core::utils::get_num_threads();
+    let runs = levels(&a, &path, &model, &tokenizer, threads).await?;
+    let prefix = if a.prefix_requests > 0 {
+        Some(shared_prefix(&a, &model, &tokenizer).await?)
+    } else {
+        None
+    };
+    let gateway = if a.gateway_requests > 0 {
+        Some(crate::bench_gateway::run(a.gateway_requests, a.output_tokens, &tokenizer).await?)
+    } else {
+        None
+    };
+    let Levels {
+        ours,
+        theirs,
+        llama_cmd,
+    } = &runs;
+    print_table(&a, threads, &runs, prefix.as_ref(), gateway.as_ref());
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "medgemma": ours,
+                "llama_server": theirs,
+                "llama_server_command": llama_cmd,
+                "shared_prefix": prefix,
+                "gateway": gateway,
+                "prompt_tokens": a.prompt_tokens,
+                "output_tokens": a.output_tokens,
+                "threads": threads,
+            })
+        );
+    }
+    Ok(())
+}
+
+/// The concurrency levels' results: ours, llama-server's (same order), its command line.
+struct Levels {
+    ours: Vec<Level>,
+    theirs: Vec<Level>,
+    llama_cmd: Option<String>,
+}
+
+/// Runs each `--concurrency` level against a generator started here, and the same prompts
+/// against llama-server when it is present.
+async fn levels(
+    a: &BenchServeArgs,
+    path: &std::path::Path,
+    model: &Arc<Gemma3>,
+    tokenizer: &Arc<Tokenizer>,
+    threads: usize,
+) -> anyhow::Result<Levels> {
+    let vocab = model.config().text.vocab_size as u32;
     let max_c = a.concurrency.iter().copied().max().unwrap_or(1);
     let llama = a
         .llama_server
@@ -326,7 +377,7 @@ async fn bench(
         ));
         if let Some(bin) = &llama {
             let ctx = c * (a.prompt_tokens + a.output_tokens as usize + 64);
-            let (bin, path, prompts) = (bin.clone(), path.clone(), prompts.clone());
+            let (bin, path, prompts) = (bin.clone(), path.to_owned(), prompts.clone());
             let out = a.output_tokens;
             let (lv, cmd) = tokio::task::spawn_blocking(move || {
                 crate::llama_server::run_level(&bin, &path, threads, c, ctx, &prompts, out)
@@ -345,17 +396,27 @@ async fn bench(
     }
     drop(client);
     drop(generator);
-    let prefix = if a.prefix_requests > 0 {
-        Some(shared_prefix(&a, &model, &tokenizer).await?)
-    } else {
-        None
-    };
-    let gateway = if a.gateway_requests > 0 {
-        Some(crate::bench_gateway::run(a.gateway_requests, a.output_tokens, &tokenizer).await?)
-    } else {
-        None
-    };
+    Ok(Levels {
+        ours,
+        theirs,
+        llama_cmd,
+    })
+}
 
+/// The table of levels, ours beside llama-server's with the ratio, then the shared-prefix and
+/// gateway lines.
+fn print_table(
+    a: &BenchServeArgs,
+    threads: usize,
+    runs: &Levels,
+    prefix: Option<&PrefixResult>,
+    gateway: Option<&crate::bench_gateway::GatewayResult>,
+) {
+    let Levels {
+        ours,
+        theirs,
+        llama_cmd,
+    } = runs;
     println!(
         "bench-serve: generator gRPC streaming, {} prompt tokens, {} output tokens (eos ignored), {threads} threads",
         a.prompt_tokens, a.output_tokens,
@@ -380,7 +441,7 @@ async fn bench(
             "llama-server: not found (pass --llama-server PATH; tools/llama-cpp/build.sh builds it)"
         ),
     }
-    if let Some(p) = &prefix {
+    if let Some(p) = prefix {
         println!(
             "shared prefix ({} requests, {} shared of ~{} prompt tokens, one at a time): TTFT median {:.0} ms with prefix caching, {:.0} ms without ({:.1}x); {} prompt tokens served from the cache",
             p.requests,
@@ -392,25 +453,9 @@ async fn bench(
             p.hit_tokens
         );
     }
-    if let Some(g) = &gateway {
+    if let Some(g) = gateway {
         println!("{g}");
     }
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "medgemma": ours,
-                "llama_server": theirs,
-                "llama_server_command": llama_cmd,
-                "shared_prefix": prefix,
-                "gateway": gateway,
-                "prompt_tokens": a.prompt_tokens,
-                "output_tokens": a.output_tokens,
-                "threads": threads,
-            })
-        );
-    }
-    Ok(())
 }
 
 fn print_row(engine: &str, l: &Level, ratio: &str, max_batch: &str) {

@@ -67,43 +67,87 @@ fn gib(b: f64) -> String {
     format!("{:.2} GiB", b / (1u64 << 30) as f64)
 }
 
-// Longer than 120 lines on purpose: a benchmark procedure read top to bottom (make the
-// checkpoint, time ours, time transformers, check parity, print the table), not library code.
+/// Our side's measurements.
+struct Ours {
+    threads: usize,
+    images_per_s: f64,
+    per_image: Vec<f64>,
+    best: f64,
+    cpu_per_image: f64,
+    weight_bytes: f64,
+    rss_start: u64,
+    rss_loaded: u64,
+    /// Peak RSS (VmHWM) after the timed forwards; only theirs when the peak could be reset.
+    peak: u64,
+    peak_ok: bool,
+    load_s: f64,
+    /// Max |ours - transformers| and max |transformers|, when a reference was saved.
+    parity: Option<(f32, f32)>,
+}
+
+/// `medgemma bench-vision`: make the checkpoint (transformers side), time ours, check parity,
+/// print the table.
 pub fn run(a: BenchVisionArgs) -> anyhow::Result<()> {
     let threads = candle_core::utils::get_num_threads();
-    let mut peer: Option<serde_json::Value> = None;
-    if let Some(py) = &a.python {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tools/bench/vision_transformers.py");
-        eprintln!("transformers: {} {}", py.display(), script.display());
-        let out = Command::new(py)
-            .arg(&script)
-            .arg("--dir")
-            .arg(&a.dir)
-            .arg("--images")
-            .arg(a.images.to_string())
-            .arg("--threads")
-            .arg(threads.to_string())
-            .output()
-            .with_context(|| format!("running {}", py.display()))?;
-        if !out.status.success() {
-            bail!(
-                "the transformers side failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let line = String::from_utf8_lossy(&out.stdout);
-        peer = Some(
-            serde_json::from_str(line.trim().lines().last().unwrap_or(""))
-                .context("the transformers side printed no JSON")?,
-        );
-    }
+    let peer = match &a.python {
+        Some(py) => Some(run_transformers(py, &a, threads)?),
+        None => None,
+    };
     if !a.dir.join("model.safetensors").exists() {
         bail!(
             "{} holds no checkpoint: run once with --python (torch + transformers) to make it",
             a.dir.display()
         );
     }
+    let ours = time_ours(&a, threads)?;
+    print_table(&ours, peer.as_ref());
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ours": {"images_per_s": ours.images_per_s, "cpu_seconds_per_image": ours.cpu_per_image, "threads": threads, "image_seconds": ours.per_image, "rss_before_load_bytes": ours.rss_start, "rss_after_load_bytes": ours.rss_loaded, "peak_rss_bytes": ours.peak},
+                "transformers": peer,
+                "parity_max_abs_diff": ours.parity.map(|p| p.0),
+            })
+        );
+    }
+    Ok(())
+}
+
+/// The transformers side (`tools/bench/vision_transformers.py`): makes the checkpoint and the
+/// reference if missing, times itself, prints one JSON line.
+fn run_transformers(
+    py: &std::path::Path,
+    a: &BenchVisionArgs,
+    threads: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/bench/vision_transformers.py");
+    eprintln!("transformers: {} {}", py.display(), script.display());
+    let out = Command::new(py)
+        .arg(&script)
+        .arg("--dir")
+        .arg(&a.dir)
+        .arg("--images")
+        .arg(a.images.to_string())
+        .arg("--threads")
+        .arg(threads.to_string())
+        .output()
+        .with_context(|| format!("running {}", py.display()))?;
+    if !out.status.success() {
+        bail!(
+            "the transformers side failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let line = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(line.trim().lines().last().unwrap_or(""))
+        .context("the transformers side printed no JSON")
+}
+
+/// Loads our encoder, checks parity on the reference (or random pixels), times `a.images`
+/// forwards.
+fn time_ours(a: &BenchVisionArgs, threads: usize) -> anyhow::Result<Ours> {
     let rss_start = status_kib("VmRSS") * 1024;
     let t_load = Instant::now();
     let enc = VisionEncoder::load(&a.dir, &Device::Cpu, DType::F32)?;
@@ -142,28 +186,42 @@ pub fn run(a: BenchVisionArgs) -> anyhow::Result<()> {
         per_image.push(t.elapsed().as_secs_f64());
     }
     let secs = t0.elapsed().as_secs_f64();
-    let best = per_image.iter().copied().fold(f64::INFINITY, f64::min);
-    let cpu_per_image = (cpu_seconds() - c0) / a.images as f64;
-    let peak = status_kib("VmHWM") * 1024;
-    let ours = a.images as f64 / secs;
-    let weight_bytes = enc.weight_bytes() as f64;
+    Ok(Ours {
+        threads,
+        images_per_s: a.images as f64 / secs,
+        best: per_image.iter().copied().fold(f64::INFINITY, f64::min),
+        per_image,
+        cpu_per_image: (cpu_seconds() - c0) / a.images as f64,
+        weight_bytes: enc.weight_bytes() as f64,
+        rss_start,
+        rss_loaded,
+        peak: status_kib("VmHWM") * 1024,
+        peak_ok,
+        load_s,
+        parity,
+    })
+}
 
+/// The table (ours, then transformers with the speed ratios), memory and parity lines.
+fn print_table(o: &Ours, peer: Option<&serde_json::Value>) {
+    let (ours, best, cpu_per_image) = (o.images_per_s, o.best, o.cpu_per_image);
     println!(
         "| engine | images/s | s/image | fastest image, s | CPU s/image | weights | RSS after load | peak RSS in forward |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| medgemma-serve (candle, f32, {threads} threads) | {ours:.4} | {:.2} | {best:.2} | {cpu_per_image:.1} | {} | {} | {} |",
+        "| medgemma-serve (candle, f32, {} threads) | {ours:.4} | {:.2} | {best:.2} | {cpu_per_image:.1} | {} | {} | {} |",
+        o.threads,
         1.0 / ours,
-        gib(weight_bytes),
-        gib(rss_loaded as f64),
-        if peak_ok {
-            gib(peak as f64)
+        gib(o.weight_bytes),
+        gib(o.rss_loaded as f64),
+        if o.peak_ok {
+            gib(o.peak as f64)
         } else {
             "n/a".into()
         },
     );
-    if let Some(p) = &peer {
+    if let Some(p) = peer {
         let ips = p["images_per_s"].as_f64().unwrap_or(0.0);
         let peer_cpu = p["cpu_seconds_per_image"].as_f64().unwrap_or(0.0);
         let peer_best = p["image_seconds"]
@@ -189,29 +247,18 @@ pub fn run(a: BenchVisionArgs) -> anyhow::Result<()> {
             peer_cpu / cpu_per_image.max(1e-9)
         );
     }
-    if peak_ok {
+    if o.peak_ok {
         // Against the weights, not the RSS after load: the allocator keeps the pages freed
         // while loading (transposed copies), and reuses them in the forward pass.
         println!(
             "forward pass needs {} above the weights (peak RSS - weights - RSS before load; 4096 patches, 27 layers)",
-            gib((peak as f64 - weight_bytes - rss_start as f64).max(0.0))
+            gib((o.peak as f64 - o.weight_bytes - o.rss_start as f64).max(0.0))
         );
     }
-    if let Some((d, scale)) = parity {
+    if let Some((d, scale)) = o.parity {
         println!(
             "full-size parity: max |ours - transformers| = {d:.2e} over embeddings of max |x| = {scale:.2e}"
         );
     }
-    println!("load: {load_s:.1} s");
-    if a.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "ours": {"images_per_s": ours, "cpu_seconds_per_image": cpu_per_image, "threads": threads, "image_seconds": per_image, "rss_before_load_bytes": rss_start, "rss_after_load_bytes": rss_loaded, "peak_rss_bytes": peak},
-                "transformers": peer,
-                "parity_max_abs_diff": parity.map(|p| p.0),
-            })
-        );
-    }
-    Ok(())
+    println!("load: {:.1} s", o.load_s);
 }

@@ -181,31 +181,23 @@ fn throughput(notes: &[Note], mb: f64) -> (f64, usize) {
     (bytes as f64 / 1e6 / t.elapsed().as_secs_f64(), bytes)
 }
 
-/// `medgemma eval-deid`.
-// Longer than 120 lines on purpose: an evaluation procedure read top to bottom (corpus, rules,
-// Presidio, gateway, tables), not library code.
-pub fn run(a: EvalDeidArgs) -> anyhow::Result<()> {
-    let files: &[&str] = match a.split.as_str() {
-        "test" => &["test"],
-        "dev" => &["dev"],
-        "all" => &["dev", "test"],
-        other => bail!("--split must be test, dev or all, not {other:?}"),
-    };
-    let mut notes = Vec::new();
-    for f in files {
-        let mut split = eval::load(&a.corpus.join(format!("{f}.jsonl")))?;
-        if let Some(limit) = a.limit {
-            let mut per_lang: HashMap<String, usize> = HashMap::new();
-            split.retain(|n| {
-                let c = per_lang.entry(n.lang.clone()).or_default();
-                *c += 1;
-                *c <= limit
-            });
-        }
-        notes.extend(split);
-    }
-    let english: Vec<&Note> = notes.iter().filter(|n| n.lang == "en").collect();
+/// What `eval-deid` measured.
+struct Results {
+    /// Rules only, every note and the English ones.
+    rules: Report,
+    rules_en: Report,
+    /// Rules + model through a gateway (every note, English ones, the model id).
+    model: Option<(Report, Report, String)>,
+    /// Presidio on the English notes, and its configuration.
+    presidio_out: Option<(Report, Value)>,
+    /// Rules-only throughput (MB/s, bytes).
+    bench: Option<(f64, usize)>,
+}
 
+/// `medgemma eval-deid`: corpus, rules, Presidio, gateway, then the tables and the gates.
+pub fn run(a: EvalDeidArgs) -> anyhow::Result<()> {
+    let notes = load_notes(&a)?;
+    let english: Vec<&Note> = notes.iter().filter(|n| n.lang == "en").collect();
     let rules = eval::evaluate(&notes, eval::rules_only);
     let rules_en = eval::evaluate(english.iter().copied(), eval::rules_only);
 
@@ -232,69 +224,126 @@ pub fn run(a: EvalDeidArgs) -> anyhow::Result<()> {
         presidio_out = Some((r, config));
     }
 
-    let bench = (a.bench_mb > 0.0).then(|| throughput(&notes, a.bench_mb));
-
+    let results = Results {
+        rules,
+        rules_en,
+        model,
+        presidio_out,
+        bench: (a.bench_mb > 0.0).then(|| throughput(&notes, a.bench_mb)),
+    };
     if a.json {
-        println!(
-            "{}",
-            json!({
-                "split": a.split,
-                "rules_only": report_json(&rules),
-                "rules_only_english": report_json(&rules_en),
-                "rules_model": model.as_ref().map(|(r, _, id)| json!({"model_id": id, "report": report_json(r)})),
-                "rules_model_english": model.as_ref().map(|(_, r, _)| report_json(r)),
-                "presidio_english": presidio_out.as_ref().map(|(r, c)| json!({"config": c, "report": report_json(r)})),
-                "rules_only_mb_per_s": bench.map(|b| b.0),
-            })
-        );
+        print_json(&a, &results);
     } else {
+        print_tables(&a, english.len(), &results)?;
+    }
+    check_gates(&a, &results)
+}
+
+/// The notes of `--split`, at most `--limit` per language.
+fn load_notes(a: &EvalDeidArgs) -> anyhow::Result<Vec<Note>> {
+    let files: &[&str] = match a.split.as_str() {
+        "test" => &["test"],
+        "dev" => &["dev"],
+        "all" => &["dev", "test"],
+        other => bail!("--split must be test, dev or all, not {other:?}"),
+    };
+    let mut notes = Vec::new();
+    for f in files {
+        let mut split = eval::load(&a.corpus.join(format!("{f}.jsonl")))?;
+        if let Some(limit) = a.limit {
+            let mut per_lang: HashMap<String, usize> = HashMap::new();
+            split.retain(|n| {
+                let c = per_lang.entry(n.lang.clone()).or_default();
+                *c += 1;
+                *c <= limit
+            });
+        }
+        notes.extend(split);
+    }
+    Ok(notes)
+}
+
+fn print_json(a: &EvalDeidArgs, r: &Results) {
+    let Results {
+        rules,
+        rules_en,
+        model,
+        presidio_out,
+        bench,
+    } = r;
+    println!(
+        "{}",
+        json!({
+            "split": a.split,
+            "rules_only": report_json(rules),
+            "rules_only_english": report_json(rules_en),
+            "rules_model": model.as_ref().map(|(r, _, id)| json!({"model_id": id, "report": report_json(r)})),
+            "rules_model_english": model.as_ref().map(|(_, r, _)| report_json(r)),
+            "presidio_english": presidio_out.as_ref().map(|(r, c)| json!({"config": c, "report": report_json(r)})),
+            "rules_only_mb_per_s": bench.map(|b| b.0),
+        })
+    );
+}
+
+/// The tables: each system on the split, then the English notes side by side.
+fn print_tables(a: &EvalDeidArgs, english: usize, r: &Results) -> anyhow::Result<()> {
+    let Results {
+        rules,
+        rules_en,
+        model,
+        presidio_out,
+        bench,
+    } = r;
+    println!(
+        "{}",
+        table(&format!("Rules only, split {}", a.split), rules)
+    );
+    if let Some((r, _, id)) = model {
         println!(
             "{}",
-            table(&format!("Rules only, split {}", a.split), &rules)
+            table(&format!("Rules + model ({id}), split {}", a.split), r)
         );
-        if let Some((r, _, id)) = &model {
-            println!(
-                "{}",
-                table(&format!("Rules + model ({id}), split {}", a.split), r)
-            );
-        }
-        if let Some((r, config)) = &presidio_out {
-            println!("{}", table("Presidio, English notes", r));
-            println!(
-                "Presidio configuration: {}",
-                serde_json::to_string_pretty(config)?
-            );
-        }
-        println!(
-            "\nEnglish notes side by side ({} notes)\n\n| system | token recall | span recall | precision | F1 | leak rate |\n|---|---:|---:|---:|---:|---:|",
-            english.len()
-        );
-        let side = |name: &str, c: &Counts| {
-            println!(
-                "| {name} | {} | {} | {} | {} | {} |",
-                pct(c.token_recall()),
-                pct(c.span_recall()),
-                pct(c.precision()),
-                pct(c.f1()),
-                pct(c.leak_rate())
-            )
-        };
-        side("medgemma-deid rules only", &rules_en.overall);
-        if let Some((_, r, _)) = &model {
-            side("medgemma-deid rules + model", &r.overall);
-        }
-        if let Some((r, _)) = &presidio_out {
-            side("Presidio (spaCy en_core_web_sm)", &r.overall);
-        }
-        if let Some((mbs, bytes)) = bench {
-            println!(
-                "\nRules-only throughput, one core: {mbs:.2} MB/s ({:.1} MB of notes)",
-                bytes as f64 / 1e6
-            );
-        }
     }
+    if let Some((r, config)) = presidio_out {
+        println!("{}", table("Presidio, English notes", r));
+        println!(
+            "Presidio configuration: {}",
+            serde_json::to_string_pretty(config)?
+        );
+    }
+    println!(
+        "\nEnglish notes side by side ({} notes)\n\n| system | token recall | span recall | precision | F1 | leak rate |\n|---|---:|---:|---:|---:|---:|",
+        english
+    );
+    let side = |name: &str, c: &Counts| {
+        println!(
+            "| {name} | {} | {} | {} | {} | {} |",
+            pct(c.token_recall()),
+            pct(c.span_recall()),
+            pct(c.precision()),
+            pct(c.f1()),
+            pct(c.leak_rate())
+        )
+    };
+    side("medgemma-deid rules only", &rules_en.overall);
+    if let Some((_, r, _)) = model {
+        side("medgemma-deid rules + model", &r.overall);
+    }
+    if let Some((r, _)) = presidio_out {
+        side("Presidio (spaCy en_core_web_sm)", &r.overall);
+    }
+    if let Some((mbs, bytes)) = *bench {
+        println!(
+            "\nRules-only throughput, one core: {mbs:.2} MB/s ({:.1} MB of notes)",
+            bytes as f64 / 1e6
+        );
+    }
+    Ok(())
+}
 
-    let o = rules.overall;
+/// `--min-recall`, `--min-precision`, `--min-margin`.
+fn check_gates(a: &EvalDeidArgs, r: &Results) -> anyhow::Result<()> {
+    let o = r.rules.overall;
     if let Some(m) = a.min_recall
         && o.token_recall() < m
     {
@@ -306,10 +355,10 @@ pub fn run(a: EvalDeidArgs) -> anyhow::Result<()> {
         bail!("rules-only precision {:.4} < {m}", o.precision());
     }
     if let Some(m) = a.min_margin {
-        let Some((p, _)) = &presidio_out else {
+        let Some((p, _)) = &r.presidio_out else {
             bail!("--min-margin needs Presidio (drop --no-presidio)");
         };
-        let margin = rules_en.overall.token_recall() - p.overall.token_recall();
+        let margin = r.rules_en.overall.token_recall() - p.overall.token_recall();
         if margin < m {
             bail!("rules-only beats Presidio's English token recall by {margin:.4} < {m}");
         }
