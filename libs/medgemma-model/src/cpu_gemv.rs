@@ -35,43 +35,29 @@ const BLOCK_BYTES: usize = 34;
 const TILE: usize = 16;
 /// Quant bytes of one tile for one 32-column block.
 const TILE_QS: usize = TILE * QK;
-/// Most activation rows `forward` takes; more go through candle's matmul.
-pub(crate) const MAX_ROWS: usize = usize::MAX;
 /// Tiles per work unit at least: enough to amortise a chunk grab.
 const MIN_CHUNK_TILES: usize = 8;
 /// The k multiple candle's repacked x86 Q8_0 kernel needs.
 const CANDLE_FAST_K: usize = 256;
 
-/// A Q8_0 matrix `[n, k]` as stored by ggml / `cpu_layout`: each row `row_blocks` blocks of 34
-/// bytes (f16 scale, 32 i8), of which only the first `k_blocks` are read.
+/// A Q8_0 matrix `[n, k]` as stored by ggml / `cpu_layout`: each row `k_blocks` blocks of 34
+/// bytes (f16 scale, 32 i8).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Q8Rows<'a> {
     data: &'a [u8],
     n: usize,
-    row_blocks: usize,
     k_blocks: usize,
 }
 
 impl<'a> Q8Rows<'a> {
-    /// `None` unless `data` holds `n` rows of `row_blocks` blocks and `0 < k_blocks <= row_blocks`.
-    pub(crate) fn new(
-        data: &'a [u8],
-        n: usize,
-        row_blocks: usize,
-        k_blocks: usize,
-    ) -> Option<Self> {
+    /// `None` unless `data` holds `n > 0` rows of `k_blocks > 0` blocks.
+    pub(crate) fn new(data: &'a [u8], n: usize, k_blocks: usize) -> Option<Self> {
         let ok = n > 0
             && k_blocks > 0
-            && k_blocks <= row_blocks
-            && n.checked_mul(row_blocks)
+            && n.checked_mul(k_blocks)
                 .and_then(|b| b.checked_mul(BLOCK_BYTES))
                 .is_some_and(|len| len <= data.len());
-        ok.then_some(Self {
-            data,
-            n,
-            row_blocks,
-            k_blocks,
-        })
+        ok.then_some(Self { data, n, k_blocks })
     }
 }
 
@@ -115,11 +101,11 @@ pub(crate) struct PackedQ8 {
 }
 
 impl PackedQ8 {
-    /// Packs the first `k_blocks` blocks of every row (the rest is never read).
+    /// Packs every row into tiles.
     pub(crate) fn pack(w: Q8Rows<'_>) -> Self {
         use rayon::prelude::*;
         let kb = w.k_blocks;
-        let rb = w.row_blocks * BLOCK_BYTES;
+        let rb = w.k_blocks * BLOCK_BYTES;
         let scale_bytes = (kb * TILE * 2).next_multiple_of(64);
         let tile_bytes = scale_bytes + kb * TILE_QS;
         let tiles = w.n.div_ceil(TILE);
@@ -151,24 +137,22 @@ impl PackedQ8 {
         }
     }
 
-    /// The decode copy of a CPU Q8_0 tensor stored `[n, k_padded]` whose first `k` columns
-    /// are real, where candle has no kernel as fast: when its width is not a multiple of 256
-    /// (candle then runs a generic dot-product loop) or it is zero-padded (candle would read
-    /// the padding). `None` otherwise, so large aligned models are not held twice.
-    pub(crate) fn for_decode(q: &QTensor, k: usize) -> candle_core::Result<Option<Arc<Self>>> {
+    /// Our copy of a CPU Q8_0 tensor `[n, k]` where candle has no kernel as fast: when k is
+    /// not a multiple of 256 (candle then runs a generic dot-product loop). `None` otherwise,
+    /// so large aligned models are not held twice.
+    pub(crate) fn for_decode(q: &QTensor) -> candle_core::Result<Option<Arc<Self>>> {
         // The portable kernel is for correctness (and tests), not speed: without SIMD,
         // candle's own path stays.
         let simd = isa() != Isa::Scalar;
         if !enabled() || !simd || q.dtype() != GgmlDType::Q8_0 || !q.device().is_cpu() {
             return Ok(None);
         }
-        let (n, kp) = q.shape().dims2()?;
-        let candle_fast = kp.is_multiple_of(CANDLE_FAST_K) && k == kp;
-        if candle_fast || k == 0 || k > kp || !k.is_multiple_of(QK) || !kp.is_multiple_of(QK) {
+        let (n, k) = q.shape().dims2()?;
+        if k.is_multiple_of(CANDLE_FAST_K) || !k.is_multiple_of(QK) {
             return Ok(None);
         }
         let data = q.data()?;
-        Ok(Q8Rows::new(&data, n, kp / QK, k / QK).map(|w| Arc::new(Self::pack(w))))
+        Ok(Q8Rows::new(&data, n, k / QK).map(|w| Arc::new(Self::pack(w))))
     }
 
     /// The true input width.
@@ -348,24 +332,19 @@ fn gemv_with(isa: Isa, w: &PackedQ8, x: &[f32], m: usize) -> Vec<f32> {
     out
 }
 
-/// `x [.., k] -> [.., n]` through the kernel when `x` has at most [`MAX_ROWS`] rows of width `k`
-/// or `k_padded` (extra columns are ignored: they meet zero padding); `None` otherwise.
-pub(crate) fn forward(
-    w: &PackedQ8,
-    x: &Tensor,
-    k_padded: usize,
-) -> candle_core::Result<Option<Tensor>> {
+/// `x [.., k] -> [.., n]` through the kernel when `x` is on the CPU with rows of width `k`;
+/// `None` otherwise.
+pub(crate) fn forward(w: &PackedQ8, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let dims = x.dims();
     let Some((&xk, lead)) = dims.split_last() else {
         return Ok(None);
     };
     let m: usize = lead.iter().product();
     let k = w.k();
-    if !x.device().is_cpu() || !(1..=MAX_ROWS).contains(&m) || (xk != k && xk != k_padded) {
+    if !x.device().is_cpu() || m == 0 || xk != k {
         return Ok(None);
     }
-    let x = x.reshape((m, xk))?;
-    let x = if xk == k { x } else { x.narrow(1, 0, k)? };
+    let x = x.reshape((m, k))?;
     let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let y = gemv(w, &xs, m);
     let mut out_dims = lead.to_vec();
@@ -665,7 +644,7 @@ mod tests {
     fn pack(q: &QTensor) -> Result<PackedQ8> {
         let (n, k) = q.shape().dims2()?;
         let data = q.data()?;
-        let w = Q8Rows::new(&data, n, k / QK, k / QK).expect("valid matrix");
+        let w = Q8Rows::new(&data, n, k / QK).expect("valid matrix");
         Ok(PackedQ8::pack(w))
     }
 
@@ -727,9 +706,8 @@ mod tests {
         Ok(())
     }
 
-    /// `q`'s rows widened to `rb` blocks; the extra blocks hold NaN scales and nonzero quants
-    /// (`poison`) or zeros.
-    fn widen(q: &QTensor, rb: usize, poison: bool) -> Result<Vec<u8>> {
+    /// `q`'s rows zero-padded to `rb` blocks (candle's fast width, the benchmark's peer).
+    fn widen(q: &QTensor, rb: usize) -> Result<Vec<u8>> {
         let (n, k) = q.shape().dims2()?;
         let kb = k / QK;
         let data = q.data()?;
@@ -738,40 +716,8 @@ mod tests {
             let dst = &mut out[r * rb * BLOCK_BYTES..(r + 1) * rb * BLOCK_BYTES];
             dst[..kb * BLOCK_BYTES]
                 .copy_from_slice(&data[r * kb * BLOCK_BYTES..][..kb * BLOCK_BYTES]);
-            if poison {
-                for blk in dst[kb * BLOCK_BYTES..].chunks_exact_mut(BLOCK_BYTES) {
-                    blk[..2].copy_from_slice(&f16::NAN.to_le_bytes());
-                    blk[2..].fill(0x55);
-                }
-            }
         }
         Ok(out)
-    }
-
-    #[test]
-    fn padding_is_never_read() -> Result<()> {
-        // k = 640 padded to 768, and k = 544 (17 blocks, odd) padded to 768.
-        for (n, k) in [(700, 640), (300, 544)] {
-            let (q, x) = q8(n, k, 0.3)?;
-            let (kb, rb) = (k / QK, 768 / QK);
-            let bytes = widen(&q, rb, true)?;
-            let from_padded = PackedQ8::pack(Q8Rows::new(&bytes, n, rb, kb).expect("valid"));
-            let from_plain = pack(&q)?;
-            assert_eq!(from_padded.data.get(), from_plain.data.get());
-            for m in MS {
-                for isa in Isa::available() {
-                    let xs = rows(&x, m)?;
-                    let a = gemv_with(isa, &from_padded, &xs, m);
-                    assert_eq!(
-                        a,
-                        gemv_with(isa, &from_plain, &xs, m),
-                        "{isa:?} k={k} m={m}"
-                    );
-                    assert!(a.iter().all(|v| v.is_finite()));
-                }
-            }
-        }
-        Ok(())
     }
 
     #[test]
@@ -781,41 +727,26 @@ mod tests {
         let (n, k) = (1000, 640);
         let (q, _) = q8(n, k, 0.2)?;
         let mm = QMatMul::from_arc(q.clone())?;
-        // As loaded (k = 640, candle's generic path), and zero-padded to 768.
-        let padded = {
-            let bytes = widen(&q, 768 / QK, false)?;
-            let st = candle_core::quantized::QStorage::from_data(
-                std::borrow::Cow::Owned(bytes),
-                &dev,
-                GgmlDType::Q8_0,
-            )?;
-            Arc::new(QTensor::new(st, (n, 768))?)
-        };
-        for (t, kp) in [(q.clone(), k), (padded, 768)] {
-            let packed = PackedQ8::for_decode(&t, k)?;
+        // As loaded (k = 640, candle's generic path).
+        {
+            let packed = PackedQ8::for_decode(&q)?;
             assert!(packed.is_some(), "k = {k} gets the decode copy");
-            let lin = Linear::Quant(QMatMul::from_arc(t)?, kp, packed);
+            let lin = Linear::Quant(QMatMul::from_arc(q.clone())?, packed);
             for m in [1, 2, 3, 4, 9] {
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
                 let want: Vec<f32> = mm.forward(&x)?.flatten_all()?.to_vec1()?;
                 let y = lin.forward(&x)?;
                 assert_eq!(y.dims(), &[m, n]);
                 let got: Vec<f32> = y.flatten_all()?.to_vec1()?;
-                // The kernel: same arithmetic as candle on k = 640. Candle (past MAX_ROWS) on
-                // k = 768 quantizes activations per 256: only roughly equal.
+                // The kernel: same arithmetic as candle on k = 640.
                 let tol = 1e-3;
                 let e = rel_err(&got, &want);
-                assert!(e < tol, "kp={kp} m={m}: rel err {e}");
+                assert!(e < tol, "m={m}: rel err {e}");
             }
-            // Rows as a 3-d input, an already padded input, and bf16 in / bf16 out.
+            // Rows as a 3-d input, and bf16 in / bf16 out.
             let x = Tensor::randn(0f32, 1.0, (1, 2, k), &dev)?;
             let y = lin.forward(&x)?;
             assert_eq!(y.dims(), &[1, 2, n]);
-            let xp = crate::cpu_layout::pad_cols(&x, kp)?;
-            assert_eq!(
-                lin.forward(&xp)?.flatten_all()?.to_vec1::<f32>()?,
-                y.flatten_all()?.to_vec1::<f32>()?
-            );
             let yb = lin.forward(&x.to_dtype(DType::BF16)?)?;
             assert_eq!(yb.dtype(), DType::BF16);
         }
@@ -841,7 +772,7 @@ mod tests {
             let (q, _) = q8(n, k, 0.5)?;
             let padded = {
                 let st = candle_core::quantized::QStorage::from_data(
-                    std::borrow::Cow::Owned(widen(&q, 768 / QK, false)?),
+                    std::borrow::Cow::Owned(widen(&q, 768 / QK)?),
                     &dev,
                     GgmlDType::Q8_0,
                 )?;
@@ -852,7 +783,7 @@ mod tests {
             let cold = n > 100_000;
             for m in [1, 4, 32] {
                 let xm = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-                let xp = crate::cpu_layout::pad_cols(&xm, 768)?;
+                let xp = Tensor::cat(&[&xm, &Tensor::zeros((m, 768 - k), DType::F32, &dev)?], 1)?;
                 let xs: Vec<f32> = xm.flatten_all()?.to_vec1()?;
                 let mut t = [f64::MAX; 3];
                 for it in 0..iters {
@@ -899,23 +830,22 @@ mod tests {
     fn decode_copy_only_where_candle_is_slow() -> Result<()> {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (32, 512), &dev)?;
-        // k = 512: candle's repacked kernel applies, no copy; padded (480 real): copy.
+        // k = 512: candle's repacked kernel applies, no copy.
         let q8 = QTensor::quantize(&w, GgmlDType::Q8_0)?;
-        assert!(PackedQ8::for_decode(&q8, 512)?.is_none());
-        assert!(PackedQ8::for_decode(&q8, 480)?.is_some());
+        assert!(PackedQ8::for_decode(&q8)?.is_none());
         // k = 640: candle's generic loop, copy.
         let w640 = Tensor::randn(0f32, 1.0, (32, 640), &dev)?;
         let q640 = QTensor::quantize(&w640, GgmlDType::Q8_0)?;
-        assert!(PackedQ8::for_decode(&q640, 640)?.is_some());
+        assert!(PackedQ8::for_decode(&q640)?.is_some());
         // Other types: never.
         let q4 = QTensor::quantize(&w, GgmlDType::Q4K)?;
-        assert!(PackedQ8::for_decode(&q4, 256)?.is_none());
-        assert!(Q8Rows::new(&[0u8; 33], 1, 1, 1).is_none());
-        assert!(Q8Rows::new(&[0u8; 68], 1, 2, 3).is_none());
+        assert!(PackedQ8::for_decode(&q4)?.is_none());
+        assert!(Q8Rows::new(&[0u8; 33], 1, 1).is_none());
+        assert!(Q8Rows::new(&[0u8; 68], 1, 3).is_none());
         // A width it does not know: candle's path.
-        let p = PackedQ8::for_decode(&q8, 480)?.expect("padded");
+        let p = PackedQ8::for_decode(&q640)?.expect("k = 640");
         let x = Tensor::randn(0f32, 1.0, (1, 448), &dev)?;
-        assert!(forward(&p, &x, 512)?.is_none());
+        assert!(forward(&p, &x)?.is_none());
         Ok(())
     }
 }

@@ -7,14 +7,14 @@
 //!
 //! We deliberately do NOT zero-pad k to a multiple of 256 to reach candle's repacked kernels:
 //! those quantize activations in blocks of 256 (Q8_K), which moved the demo model's perplexity
-//! 1.8% away from the dequantized model (vs 0.2% with blocks of 32). `pad_cols` remains for
-//! layouts that need it.
+//! 1.8% away from the dequantized model (vs 0.2% with blocks of 32). Widths that candle runs
+//! slowly go to our own kernel instead (`cpu_gemv`).
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use candle_core::Device;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-use candle_core::{Device, Tensor};
 
 use crate::error::Result;
 
@@ -23,32 +23,30 @@ const Q8_0_BYTES: usize = 34;
 const Q5_0_BYTES: usize = 22;
 const Q4_0_BYTES: usize = 18;
 
-/// A quantized matrix `[n, k]` relaid for the CPU: the tensor (maybe `[n, k_padded]`) and the
-/// padded k the activations must be widened to.
-pub(crate) fn relayout(q: Arc<QTensor>, device: &Device) -> Result<(Arc<QTensor>, usize)> {
+/// A quantized matrix `[n, k]` relaid for the CPU (same shape): Q4_0 and Q5_0 become Q8_0,
+/// anything else is returned as it is.
+pub(crate) fn relayout(q: Arc<QTensor>, device: &Device) -> Result<Arc<QTensor>> {
     let (n, k) = q.shape().dims2()?;
     if !device.is_cpu() {
-        return Ok((q, k));
+        return Ok(q);
     }
     let dt = q.dtype();
     let convertible = matches!(dt, GgmlDType::Q4_0 | GgmlDType::Q5_0);
     if !convertible || !k.is_multiple_of(QK) {
-        return Ok((q, k));
+        return Ok(q);
     }
-    let kp = k;
-    let blocks_in = k / QK;
-    let blocks_out = kp / QK;
+    let blocks = k / QK;
     let data = q.data()?;
     let in_bytes = match dt {
         GgmlDType::Q4_0 => Q4_0_BYTES,
         GgmlDType::Q5_0 => Q5_0_BYTES,
         _ => Q8_0_BYTES,
     };
-    let mut out = vec![0u8; n * blocks_out * Q8_0_BYTES];
+    let mut out = vec![0u8; n * blocks * Q8_0_BYTES];
     for r in 0..n {
-        for b in 0..blocks_in {
-            let src = &data[(r * blocks_in + b) * in_bytes..][..in_bytes];
-            let dst = &mut out[(r * blocks_out + b) * Q8_0_BYTES..][..Q8_0_BYTES];
+        for b in 0..blocks {
+            let src = &data[(r * blocks + b) * in_bytes..][..in_bytes];
+            let dst = &mut out[(r * blocks + b) * Q8_0_BYTES..][..Q8_0_BYTES];
             // The f16 scale is the first two bytes in all three formats.
             dst[..2].copy_from_slice(&src[..2]);
             let q8 = &mut dst[2..];
@@ -73,28 +71,15 @@ pub(crate) fn relayout(q: Arc<QTensor>, device: &Device) -> Result<(Arc<QTensor>
                 _ => q8.copy_from_slice(&src[2..34]),
             }
         }
-        // Padding blocks stay all-zero: scale 0, values 0.
     }
     let storage = QStorage::from_data(Cow::Owned(out), device, GgmlDType::Q8_0)?;
-    Ok((Arc::new(QTensor::new(storage, (n, kp))?), kp))
-}
-
-/// Widens `x [m, k]` with zero columns to `[m, kp]`.
-pub(crate) fn pad_cols(x: &Tensor, kp: usize) -> candle_core::Result<Tensor> {
-    let k = x.dim(candle_core::D::Minus1)?;
-    if k == kp {
-        return Ok(x.clone());
-    }
-    let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("rank >= 1") = kp - k;
-    let z = Tensor::zeros(dims, x.dtype(), x.device())?;
-    Tensor::cat(&[x, &z], candle_core::D::Minus1)
+    Ok(Arc::new(QTensor::new(storage, (n, k))?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Module;
+    use candle_core::{Module, Tensor};
 
     #[test]
     fn conversion_is_exact() -> Result<()> {
@@ -103,8 +88,8 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (300, 640), &dev)?;
         for dt in [GgmlDType::Q4_0, GgmlDType::Q5_0] {
             let q = Arc::new(QTensor::quantize(&w, dt)?);
-            let (r, kp) = relayout(q.clone(), &dev)?;
-            assert_eq!(kp, 640);
+            let r = relayout(q.clone(), &dev)?;
+            assert_eq!(r.shape().dims2()?, (16, 640));
             assert_eq!(r.dtype(), GgmlDType::Q8_0);
             let a = q.dequantize(&dev)?;
             let b = r.dequantize(&dev)?;
@@ -112,7 +97,7 @@ mod tests {
             assert_eq!(diff, 0.0, "{dt:?} conversion changed values");
             // Same activation quantization (Q8_0) on both sides: the same products.
             let y0 = candle_core::quantized::QMatMul::from_arc(q)?.forward(&x)?;
-            let y1 = candle_core::quantized::QMatMul::from_arc(r)?.forward(&pad_cols(&x, kp)?)?;
+            let y1 = candle_core::quantized::QMatMul::from_arc(r)?.forward(&x)?;
             let d = (y0 - y1)?
                 .abs()?
                 .flatten_all()?
@@ -129,9 +114,9 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (8, 512), &dev)?;
         for dt in [GgmlDType::Q4K, GgmlDType::Q8_0, GgmlDType::Q6K] {
             let q = Arc::new(QTensor::quantize(&w, dt)?);
-            let (r, kp) = relayout(q.clone(), &dev)?;
+            let r = relayout(q.clone(), &dev)?;
             assert!(Arc::ptr_eq(&q, &r));
-            assert_eq!(kp, 512);
+            assert_eq!(r.shape().dims2()?, (8, 512));
         }
         Ok(())
     }

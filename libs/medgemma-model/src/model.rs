@@ -348,14 +348,7 @@ impl Gemma3 {
         );
         let embed = match fetch(WeightName::Embed, &[t.vocab_size, h])? {
             Raw::Dense(x) => Embedding::Dense(x),
-            Raw::Quant(q) => {
-                let (table, padded) = crate::cpu_layout::relayout(q, device)?;
-                Embedding::Quant {
-                    table,
-                    padded,
-                    hidden: h,
-                }
-            }
+            Raw::Quant(q) => Embedding::Quant(crate::cpu_layout::relayout(q, device)?),
         };
         let mut layers = Vec::with_capacity(t.num_hidden_layers);
         for i in 0..t.num_hidden_layers {
@@ -778,9 +771,9 @@ fn to_linear(raw: Raw, device: &Device) -> Result<Linear> {
     Ok(match raw {
         Raw::Dense(x) => Linear::Dense(x),
         Raw::Quant(q) => {
-            let (q, kp) = crate::cpu_layout::relayout(q, device)?;
-            let packed = crate::cpu_gemv::PackedQ8::for_decode(&q, kp)?;
-            Linear::Quant(candle_core::quantized::QMatMul::from_arc(q)?, kp, packed)
+            let q = crate::cpu_layout::relayout(q, device)?;
+            let packed = crate::cpu_gemv::PackedQ8::for_decode(&q)?;
+            Linear::Quant(candle_core::quantized::QMatMul::from_arc(q)?, packed)
         }
     })
 }

@@ -83,9 +83,9 @@ impl std::str::FromStr for Quantize {
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
     Dense(Tensor),
-    /// A quantized matrix, the (possibly zero-padded) input width it expects, and our CPU
-    /// kernel's copy of it (Q8_0 that candle's fast kernels do not take; see `cpu_gemv`).
-    Quant(QMatMul, usize, Option<Arc<PackedQ8>>),
+    /// A quantized matrix and our CPU kernel's copy of it (Q8_0 that candle's fast kernels do
+    /// not take; see `cpu_gemv`).
+    Quant(QMatMul, Option<Arc<PackedQ8>>),
 }
 
 impl Linear {
@@ -93,15 +93,14 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => x.matmul(&w.t()?),
-            Self::Quant(q, kp, packed) => {
+            Self::Quant(q, packed) => {
                 let dt = x.dtype();
                 if let Some(p) = packed
-                    && let Some(y) = crate::cpu_gemv::forward(p, x, *kp)?
+                    && let Some(y) = crate::cpu_gemv::forward(p, x)?
                 {
                     return y.to_dtype(dt);
                 }
-                let x = crate::cpu_layout::pad_cols(&x.to_dtype(DType::F32)?, *kp)?;
-                q.forward(&x)?.to_dtype(dt)
+                q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dt)
             }
         }
     }
@@ -122,14 +121,14 @@ pub(crate) fn fuse(parts: &[Linear]) -> Result<Option<Linear>> {
             }
             Ok(Some(Linear::Dense(Tensor::cat(&ts, 0)?)))
         }
-        [Linear::Quant(QMatMul::QTensor(first), kp, first_packed), ..] => {
+        [Linear::Quant(QMatMul::QTensor(first), first_packed), ..] => {
             let (dt, k) = (first.dtype(), first.shape().dims2()?.1);
             let mut bytes = Vec::new();
             let mut rows = 0;
             for p in parts {
                 match p {
-                    Linear::Quant(QMatMul::QTensor(q), kq, _)
-                        if q.dtype() == dt && kq == kp && q.shape().dims2()?.1 == k =>
+                    Linear::Quant(QMatMul::QTensor(q), _)
+                        if q.dtype() == dt && q.shape().dims2()?.1 == k =>
                     {
                         bytes.extend_from_slice(&q.data()?);
                         rows += q.shape().dims2()?.0;
@@ -144,14 +143,10 @@ pub(crate) fn fuse(parts: &[Linear]) -> Result<Option<Linear>> {
             )?;
             let q = QTensor::new(storage, (rows, k))?;
             let packed = match first_packed {
-                Some(p) => PackedQ8::for_decode(&q, p.k())?,
+                Some(_) => PackedQ8::for_decode(&q)?,
                 None => None,
             };
-            Ok(Some(Linear::Quant(
-                QMatMul::from_arc(Arc::new(q))?,
-                *kp,
-                packed,
-            )))
+            Ok(Some(Linear::Quant(QMatMul::from_arc(Arc::new(q))?, packed)))
         }
         [Linear::Quant(..), ..] => Ok(None),
     }
@@ -161,30 +156,15 @@ pub(crate) fn fuse(parts: &[Linear]) -> Result<Option<Linear>> {
 #[derive(Debug, Clone)]
 pub(crate) enum Embedding {
     Dense(Tensor),
-    /// A quantized table (rows possibly zero-padded to `padded`) and the true width.
-    Quant {
-        table: Arc<QTensor>,
-        padded: usize,
-        hidden: usize,
-    },
+    /// A quantized table `[vocab, hidden]`.
+    Quant(Arc<QTensor>),
 }
 
 impl Embedding {
     pub(crate) fn lookup(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(w) => w.index_select(ids, 0),
-            Self::Quant {
-                table,
-                padded,
-                hidden,
-            } => {
-                let rows = table.embedding(ids)?;
-                if padded == hidden {
-                    Ok(rows)
-                } else {
-                    rows.narrow(1, 0, *hidden)
-                }
-            }
+            Self::Quant(table) => table.embedding(ids),
         }
     }
 
@@ -192,14 +172,9 @@ impl Embedding {
     pub(crate) fn as_linear(&self) -> candle_core::Result<Linear> {
         Ok(match self {
             Self::Dense(w) => Linear::Dense(w.clone()),
-            Self::Quant {
-                table,
-                padded,
-                hidden,
-            } => Linear::Quant(
+            Self::Quant(table) => Linear::Quant(
                 QMatMul::from_arc(table.clone())?,
-                *padded,
-                PackedQ8::for_decode(table, *hidden)?,
+                PackedQ8::for_decode(table)?,
             ),
         })
     }
