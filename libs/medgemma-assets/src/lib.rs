@@ -275,35 +275,6 @@ pub fn fetch_demo_from(opts: &FetchOptions, reg: &Registries) -> Result<DemoPath
     Ok(paths)
 }
 
-/// The demo paths when all three files exist, for tests that need the real model.
-///
-/// When they are missing: with `MEDGEMMA_REQUIRE_ASSETS=1` this panics (the intended test
-/// failure, telling to run `medgemma fetch-demo`); otherwise it prints a skip note and returns
-/// `None`.
-pub fn demo_assets_for_test() -> Option<DemoPaths> {
-    let paths = demo_paths();
-    if paths.all_exist() {
-        return Some(paths);
-    }
-    let required = std::env::var("MEDGEMMA_REQUIRE_ASSETS").is_ok_and(|v| v.trim() == "1");
-    let msg = format!(
-        "demo assets missing under {} (need {}, {} and {}); run `medgemma fetch-demo` \
-         (or set MEDGEMMA_CACHE_DIR to a cache that has them)",
-        paths
-            .gguf
-            .parent()
-            .map_or_else(|| paths.gguf.display(), |p| p.display()),
-        GGUF_FILE_NAME,
-        "tokenizer/tokenizer.json",
-        "tokenizer/tokenizer_config.json",
-    );
-    if required {
-        panic!("MEDGEMMA_REQUIRE_ASSETS=1 but {msg}");
-    }
-    eprintln!("skipping: {msg}");
-    None
-}
-
 /// Last path segment of a URL, without query or fragment.
 fn file_name_of(url: &str) -> Option<&str> {
     let path = url.split(['?', '#']).next()?;

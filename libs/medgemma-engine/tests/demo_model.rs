@@ -14,13 +14,11 @@ use medgemma_tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::Value;
 
 fn repo(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(p)
+    medgemma_test_support::repo_root().join(p)
 }
 
 fn demo() -> Option<medgemma_assets::DemoPaths> {
-    medgemma_assets::demo_assets_for_test()
+    medgemma_test_support::demo_assets()
 }
 
 fn tokenizer(d: &medgemma_assets::DemoPaths) -> Arc<Tokenizer> {

@@ -10,29 +10,14 @@ use medgemma_model::{Gemma3, KvCacheConfig, LoadOptions};
 use medgemma_tokenizer::{ChatMessage, Tokenizer};
 use serde_json::Value;
 
-fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(p)
-}
+use medgemma_test_support::{fixture, ids};
 
 fn golden() -> Vec<Value> {
-    let v: Value =
-        serde_json::from_slice(&std::fs::read(fixture("tiny-27b-text/golden.json")).unwrap())
-            .unwrap();
-    v["cases"].as_array().unwrap().clone()
+    medgemma_test_support::golden("tiny-27b-text").cases
 }
 
 fn case(name: &str) -> Value {
     golden().into_iter().find(|c| c["name"] == name).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 fn engine() -> Engine {

@@ -351,26 +351,11 @@ pub fn add_tiled(a: Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     a.reshape(tiled)?.broadcast_add(b)?.reshape(a.dims())
 }
 
-/// Max |a - b| over two f32 tensors of the same shape (the crate's unit tests).
-#[cfg(test)]
-pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+    use medgemma_test_support::max_abs_diff;
 
     fn max_rel(a: &[f32], b: &[f32]) -> f32 {
         a.iter()

@@ -612,7 +612,7 @@ mod tests {
                 Tensor::from_vec(out, (n, heads * hd), &Device::Cpu).unwrap()
             }
         };
-        let diff = cpu_ops::max_abs_diff(&fused, &unfused);
+        let diff = medgemma_test_support::max_abs_diff(&fused, &unfused);
         assert!(diff < 1e-5, "max |fused - unfused| = {diff}");
     }
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use medgemma_vision::{DecodeOptions, VisionEncoder, VisionError};
@@ -11,15 +11,13 @@ use medgemma_vision::{DecodeOptions, VisionEncoder, VisionError};
 /// The batched forward must reproduce the one-at-a-time embeddings to this.
 const TOL: f32 = 1e-5;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use medgemma_test_support::repo_root as root;
 
 /// Different images of every kind the service takes: PNGs of three aspect ratios, a JPEG
 /// with EXIF orientation, and two DICOM objects (CT, MR).
 fn images() -> Vec<(&'static str, Vec<u8>)> {
     let data = root().join("libs/medgemma-vision/tests/data");
-    let read = |p: PathBuf| std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let read = |p: PathBuf| medgemma_test_support::read(p);
     vec![
         (
             "gradient_90x60.png",

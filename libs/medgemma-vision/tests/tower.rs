@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use medgemma_vision::{DecodeOptions, VisionEncoder, VisionError, VisionModelConfig};
@@ -12,14 +12,13 @@ use medgemma_vision::{DecodeOptions, VisionEncoder, VisionError, VisionModelConf
 const TOL: f32 = 1e-4;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+    medgemma_test_support::fixture("")
 }
 
 fn golden(name: &str) -> Tensor {
-    let t =
-        candle_core::safetensors::load(fixtures().join("tiny-4b/golden.safetensors"), &Device::Cpu)
-            .unwrap();
-    t[name].clone()
+    medgemma_test_support::golden("tiny-4b")
+        .tensor(name)
+        .clone()
 }
 
 fn encoder() -> VisionEncoder {

@@ -18,8 +18,8 @@ use medgemma_suite::{Suite, SuiteOptions};
 use crate::client;
 
 /// A chest radiograph (NEMA WG04 RG1, JPEG 2000 DICOM, from pydicom-data, MIT) for the demo
-/// report; the same file the vision crate's tests decode.
-const DEMO_IMAGE: &[u8] = include_bytes!("../../../libs/medgemma-vision/tests/data/RG1_J2KI.dcm");
+/// report, from the repository's fixtures/ (the vision crate's tests decode it too).
+const DEMO_IMAGE: &[u8] = include_bytes!("../../../fixtures/images/RG1_J2KI.dcm");
 
 /// The demo's clinical note, from the MedGemma field report our users start from.
 const DEMO_NOTE: &str = "病患,65 歲男性,主訴胸悶及呼吸困難三天,昨夜症狀加劇。體檢:血壓 155/95 mmHg,\

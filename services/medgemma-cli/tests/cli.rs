@@ -6,7 +6,7 @@ use std::process::Command;
 use serde_json::Value;
 
 fn tiny() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-27b-text")
+    medgemma_test_support::fixture("tiny-27b-text")
 }
 
 fn medgemma(args: &[&str]) -> std::process::Output {
@@ -158,7 +158,7 @@ fn bad_flag_combinations_are_clear_errors() {
 }
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+    medgemma_test_support::fixture("")
 }
 
 #[test]
@@ -204,8 +204,7 @@ fn image_prompt_matches_the_reference_greedy_tokens() {
 fn several_images_including_dicom() {
     let model = fixtures().join("tiny-4b");
     let png = fixtures().join("images/gradient_90x60.png");
-    let dcm = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../libs/medgemma-vision/tests/data/RG1_J2KI.dcm");
+    let dcm = fixtures().join("images/RG1_J2KI.dcm");
     let out = medgemma(&[
         "generate",
         "--model",

@@ -22,7 +22,7 @@ fn demo() -> Option<&'static Loaded> {
     static LOADED: OnceLock<Option<Loaded>> = OnceLock::new();
     LOADED
         .get_or_init(|| {
-            let paths = medgemma_assets::demo_assets_for_test()?;
+            let paths = medgemma_test_support::demo_assets()?;
             let model = Gemma3::load(&paths.gguf, &LoadOptions::default()).unwrap();
             let tokenizer = medgemma_generator::load_tokenizer(&paths.gguf, None).unwrap();
             Some((Arc::new(model), Arc::new(tokenizer)))

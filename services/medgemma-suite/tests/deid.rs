@@ -45,7 +45,7 @@ impl Write for Captured {
 
 #[test]
 fn deidentify_through_the_suite_and_nothing_in_the_logs() {
-    if medgemma_assets::demo_assets_for_test().is_none() {
+    if medgemma_test_support::demo_assets().is_none() {
         return;
     }
     let logs = Captured::default();

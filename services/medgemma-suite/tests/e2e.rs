@@ -38,7 +38,7 @@ static SHARED: OnceLock<Option<Shared>> = OnceLock::new();
 fn shared() -> Option<&'static Shared> {
     SHARED
         .get_or_init(|| {
-            medgemma_assets::demo_assets_for_test()?;
+            medgemma_test_support::demo_assets()?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

@@ -370,7 +370,7 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_parse() {
-    let Some(paths) = medgemma_assets::demo_assets_for_test() else {
+    let Some(paths) = medgemma_test_support::demo_assets() else {
         return;
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

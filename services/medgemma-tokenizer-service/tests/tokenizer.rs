@@ -17,7 +17,7 @@ fn service() -> Option<TokenizerService> {
     static SERVICE: OnceLock<Option<TokenizerService>> = OnceLock::new();
     SERVICE
         .get_or_init(|| {
-            let paths = medgemma_assets::demo_assets_for_test()?;
+            let paths = medgemma_test_support::demo_assets()?;
             let args = TokenizerArgs {
                 listen: "127.0.0.1:0".into(),
                 tokenizer: Some(paths.tokenizer_dir),

@@ -3,7 +3,6 @@
 //! `Stats`. The encoder is held (`VisionService::hold`) while requests queue up, so every batch
 //! is formed deterministically, not by timing.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -21,13 +20,8 @@ const HIDDEN: usize = 64;
 /// Batched embeddings must equal one-at-a-time ones to this.
 const TOL: f32 = 1e-5;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn read(rel: &str) -> Vec<u8> {
-    let p = root().join(rel);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+    medgemma_test_support::read(medgemma_test_support::repo_root().join(rel))
 }
 
 /// Four different images: PNGs of two shapes, a JPEG, a DICOM CT slice.
@@ -84,13 +78,7 @@ fn values(e: &pb::Embedding) -> Vec<f32> {
         .collect()
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+use medgemma_test_support::max_abs_diff_f32 as max_abs_diff;
 
 struct Fixture {
     service: VisionService,

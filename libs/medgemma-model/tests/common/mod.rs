@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
@@ -36,9 +36,8 @@ impl Dims {
     }
 }
 
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+#[allow(unused_imports)] // each test binary uses some of them
+pub use medgemma_test_support::{Golden, golden, ids, max_abs_diff, repo_root};
 
 /// Writes `config.json` + `model.safetensors` (text-only `model.*` layout) with seeded
 /// random weights, returning the tensors written.
@@ -117,20 +116,6 @@ pub fn write_random_model(dir: &Path, d: Dims, seed: u64) -> HashMap<String, Ten
     t
 }
 
-/// Max |a - b| over two tensors of the same shape.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// Index of the largest value of a 1-D tensor.
 pub fn argmax(row: &Tensor) -> u32 {
     let v: Vec<f32> = row.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
@@ -143,35 +128,6 @@ pub fn argmax(row: &Tensor) -> u32 {
         .0 as u32
 }
 
-/// A tiny model's transformers goldens (fixtures/<model>/golden.{json,safetensors}).
-pub struct Golden {
-    pub cases: Vec<Value>,
-    pub tensors: HashMap<String, Tensor>,
-}
-
-pub fn golden(model: &str) -> Golden {
-    let dir = repo_root().join("fixtures").join(model);
-    let json: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
-    let tensors =
-        candle_core::safetensors::load(dir.join("golden.safetensors"), &Device::Cpu).unwrap();
-    Golden {
-        cases: json["cases"].as_array().unwrap().clone(),
-        tensors,
-    }
-}
-
-pub fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 pub fn case<'a>(g: &'a Golden, name: &str) -> &'a Value {
-    g.cases
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name}"))
+    g.case(name)
 }

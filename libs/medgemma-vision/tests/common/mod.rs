@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Tensor};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -57,8 +56,16 @@ pub fn u32_of(e: &Value, field: &str) -> u32 {
         .unwrap_or_else(|| panic!("{field} in {}", e["key"])) as u32
 }
 
+/// A committed file of the references: in tests/data, or in the repository's fixtures/images
+/// for the ones other crates use too (the `medgemma up` demo DICOM).
 pub fn blob(name: &str) -> Vec<u8> {
-    std::fs::read(data_dir().join(name)).unwrap_or_else(|e| panic!("tests/data/{name}: {e}"))
+    let shared = medgemma_test_support::fixture("images").join(name);
+    let path = if shared.exists() {
+        shared
+    } else {
+        data_dir().join(name)
+    };
+    medgemma_test_support::read(path)
 }
 
 pub fn blob_f32(name: &str) -> Vec<f32> {
@@ -157,25 +164,8 @@ pub fn diff_u8(a: &[u8], b: &[u8]) -> (u8, usize) {
     })
 }
 
-pub fn max_diff_f32(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+#[allow(unused_imports)] // each test binary uses some of them
+pub use medgemma_test_support::max_abs_diff_f32 as max_diff_f32;
 
-/// The largest absolute difference between two tensors of one shape, in f32.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+#[allow(unused_imports)] // each test binary uses some of them
+pub use medgemma_test_support::max_abs_diff;
