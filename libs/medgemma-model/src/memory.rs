@@ -333,9 +333,7 @@ mod tests {
     use crate::config::ModelConfig;
 
     fn config(name: &str) -> TextConfig {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fixtures/configs")
-            .join(name);
+        let path = medgemma_test_support::fixture("configs").join(name);
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         ModelConfig::from_hf_json(&v, &path).unwrap().text

@@ -451,9 +451,9 @@ mod tests {
 
     #[test]
     fn the_4b_fixture_is_a_full_size_siglip_and_decoder() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fixtures/configs/medgemma-4b-it.json");
-        let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let v = medgemma_test_support::read_json(medgemma_test_support::fixture(
+            "configs/medgemma-4b-it.json",
+        ));
         let cfg = medgemma_vision::VisionModelConfig::from_hf_json(&v).unwrap();
         assert_eq!(
             (

@@ -413,9 +413,8 @@ mod tests {
 
     #[test]
     fn the_plan_sizes_the_pools_and_kv_cache_bytes_wins() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../fixtures/configs/medgemma-4b-it.json");
-        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let path = medgemma_test_support::fixture("configs/medgemma-4b-it.json");
+        let v = medgemma_test_support::read_json(&path);
         let t = medgemma_model::ModelConfig::from_hf_json(&v, &path)
             .unwrap()
             .text;
