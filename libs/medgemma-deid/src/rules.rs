@@ -576,32 +576,22 @@ fn push(out: &mut Vec<Cand>, start: usize, end: usize, ty: PhiType, conf: f32) {
 
 impl Rules {
     fn find_numeric(&self, text: &str, out: &mut Vec<Cand>) {
-        let mut push = |start: usize, end: usize, ty: PhiType, conf: f32| {
-            if start < end {
-                out.push(Cand {
-                    start,
-                    end,
-                    ty,
-                    conf,
-                });
-            }
-        };
         for m in self.ipv4.find_iter(text) {
             if m.as_str()
                 .split('.')
                 .all(|o| o.parse::<u32>().is_ok_and(|v| v <= 255))
             {
-                push(m.start(), m.end(), PhiType::Ip, 0.95);
+                push(out, m.start(), m.end(), PhiType::Ip, 0.95);
             }
         }
         for m in self.ssn.find_iter(text) {
             if ssn_valid(m.as_str()) {
-                push(m.start(), m.end(), PhiType::Ssn, 0.95);
+                push(out, m.start(), m.end(), PhiType::Ssn, 0.95);
             }
         }
         for m in self.tw_id.find_iter(text) {
             if tw_id_valid(m.as_str()) {
-                push(m.start(), m.end(), PhiType::NationalId, 0.97);
+                push(out, m.start(), m.end(), PhiType::NationalId, 0.97);
             }
         }
         for re in [&self.phone_us, &self.phone_tw_mobile, &self.phone_tw_land] {
@@ -611,7 +601,7 @@ impl Rules {
                 } else {
                     PhiType::Phone
                 };
-                push(m.start(), m.end(), ty, 0.85);
+                push(out, m.start(), m.end(), ty, 0.85);
             }
         }
         for c in self.date_num.captures_iter(text) {
@@ -622,7 +612,7 @@ impl Rules {
             let roc = c.get(0).expect("match").as_str().starts_with("民國");
             if numeric_date_valid(g("a"), g("b"), g("c"), roc) {
                 let m = c.get(0).expect("match");
-                push(m.start(), m.end(), PhiType::Date, 0.9);
+                push(out, m.start(), m.end(), PhiType::Date, 0.9);
             }
         }
         for c in self.date_md_ctx.captures_iter(text) {
@@ -636,19 +626,19 @@ impl Rules {
                 && (1..=31).contains(&dd)
                 && !matches!(next, Some('/' | '.' | '-'))
             {
-                push(d.start(), d.end(), PhiType::Date, 0.75);
+                push(out, d.start(), d.end(), PhiType::Date, 0.75);
             }
         }
         for m in self.age_en.find_iter(text) {
-            push(m.start(), m.end(), PhiType::Age, 0.9);
+            push(out, m.start(), m.end(), PhiType::Age, 0.9);
         }
         for c in self.age_label.captures_iter(text) {
             let n = c.name("n").expect("n");
-            push(n.start(), n.end(), PhiType::Age, 0.85);
+            push(out, n.start(), n.end(), PhiType::Age, 0.85);
         }
         for c in self.zip_state.captures_iter(text) {
             let z = c.name("zip").expect("zip");
-            push(z.start(), z.end(), PhiType::Zip, 0.85);
+            push(out, z.start(), z.end(), PhiType::Zip, 0.85);
         }
         for m in self.card.find_iter(text) {
             let digits: Vec<u8> = m
@@ -658,36 +648,26 @@ impl Rules {
                 .map(|b| b - b'0')
                 .collect();
             if (13..=19).contains(&digits.len()) && luhn_valid(&digits) {
-                push(m.start(), m.end(), PhiType::Account, 0.9);
+                push(out, m.start(), m.end(), PhiType::Account, 0.9);
             }
         }
         for m in self.dea.find_iter(text) {
             if dea_valid(m.as_str()) {
-                push(m.start(), m.end(), PhiType::License, 0.8);
+                push(out, m.start(), m.end(), PhiType::License, 0.8);
             }
         }
         for m in self.udi.find_iter(text) {
-            push(m.start(), m.end(), PhiType::Device, 0.9);
+            push(out, m.start(), m.end(), PhiType::Device, 0.9);
         }
         for m in self.long_number.find_iter(text) {
-            push(m.start(), m.end(), PhiType::OtherId, 0.4);
+            push(out, m.start(), m.end(), PhiType::OtherId, 0.4);
         }
         for m in self.letters_digits.find_iter(text) {
-            push(m.start(), m.end(), PhiType::OtherId, 0.45);
+            push(out, m.start(), m.end(), PhiType::OtherId, 0.45);
         }
     }
 
     fn find_chinese(&self, text: &str, out: &mut Vec<Cand>) {
-        let mut push = |start: usize, end: usize, ty: PhiType, conf: f32| {
-            if start < end {
-                out.push(Cand {
-                    start,
-                    end,
-                    ty,
-                    conf,
-                });
-            }
-        };
         for re in [&self.date_zh, &self.date_zh_md] {
             for c in re.captures_iter(text) {
                 let m = c.get(0).expect("match");
@@ -695,22 +675,22 @@ impl Rules {
                 let day = c.name("d").map(|x| zh_number(x.as_str()));
                 if (1..=12).contains(&month) && day.is_none_or(|d| (1..=31).contains(&d)) {
                     let s = m.start() + (m.as_str().len() - m.as_str().trim_start().len());
-                    push(s, m.end(), PhiType::Date, 0.9);
+                    push(out, s, m.end(), PhiType::Date, 0.9);
                 }
             }
         }
         for c in self.age_zh.captures_iter(text) {
             match c.name("n") {
-                Some(n) => push(n.start(), n.end(), PhiType::Age, 0.85),
+                Some(n) => push(out, n.start(), n.end(), PhiType::Age, 0.85),
                 None => {
                     let m = c.get(0).expect("match");
-                    push(m.start(), m.end(), PhiType::Age, 0.9);
+                    push(out, m.start(), m.end(), PhiType::Age, 0.9);
                 }
             }
         }
         for c in self.zip_ctx.captures_iter(text) {
             let z = c.name("zip").expect("zip");
-            push(z.start(), z.end(), PhiType::Zip, 0.9);
+            push(out, z.start(), z.end(), PhiType::Zip, 0.9);
         }
         for c in self.addr_zh.captures_iter(text) {
             let a = c.name("addr").expect("addr");
@@ -718,22 +698,22 @@ impl Rules {
             if let Some(z) = c.name("zip")
                 && s == a.start()
             {
-                push(z.start(), z.end(), PhiType::Zip, 0.85);
+                push(out, z.start(), z.end(), PhiType::Zip, 0.85);
             }
-            push(s, a.end(), PhiType::Address, 0.85);
+            push(out, s, a.end(), PhiType::Address, 0.85);
         }
         for m in self.city_zh.find_iter(text) {
-            push(m.start(), m.end(), PhiType::Address, 0.8);
+            push(out, m.start(), m.end(), PhiType::Address, 0.8);
         }
         for c in self.name_zh_label.captures_iter(text) {
             let n = c.name("n").expect("n");
             if let Some(e) = zh_name_end(text, n.start(), n.end()) {
-                push(n.start(), e, PhiType::Name, 0.85);
+                push(out, n.start(), e, PhiType::Name, 0.85);
             }
         }
         for c in self.name_zh_title.captures_iter(text) {
             let n = c.name("n").expect("n");
-            push(n.start(), n.end(), PhiType::Name, 0.8);
+            push(out, n.start(), n.end(), PhiType::Name, 0.8);
         }
         for c in self.org_zh.captures_iter(text) {
             let o = c.name("o").expect("o");
@@ -747,14 +727,14 @@ impl Rules {
                 .max()
                 .unwrap_or(0);
             if body.chars().count() >= suffix_chars + 2 {
-                push(s, o.end(), PhiType::Organization, 0.75);
+                push(out, s, o.end(), PhiType::Organization, 0.75);
             }
         }
         for c in self.org_zh_ctx.captures_iter(text) {
             let o = c.name("o").expect("o");
             let e = trim_right_at(text, o.start(), o.end(), ORG_RIGHT_STOP);
             if text[o.start()..e].chars().count() >= 2 {
-                push(o.start(), e, PhiType::Organization, 0.75);
+                push(out, o.start(), e, PhiType::Organization, 0.75);
             }
         }
     }

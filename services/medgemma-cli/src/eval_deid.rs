@@ -264,23 +264,17 @@ fn load_notes(a: &EvalDeidArgs) -> anyhow::Result<Vec<Note>> {
 }
 
 fn print_json(a: &EvalDeidArgs, r: &Results) {
-    let Results {
-        rules,
-        rules_en,
-        model,
-        presidio_out,
-        bench,
-    } = r;
+    let (model, presidio_out) = (&r.model, &r.presidio_out);
     println!(
         "{}",
         json!({
             "split": a.split,
-            "rules_only": report_json(rules),
-            "rules_only_english": report_json(rules_en),
+            "rules_only": report_json(&r.rules),
+            "rules_only_english": report_json(&r.rules_en),
             "rules_model": model.as_ref().map(|(r, _, id)| json!({"model_id": id, "report": report_json(r)})),
             "rules_model_english": model.as_ref().map(|(_, r, _)| report_json(r)),
             "presidio_english": presidio_out.as_ref().map(|(r, c)| json!({"config": c, "report": report_json(r)})),
-            "rules_only_mb_per_s": bench.map(|b| b.0),
+            "rules_only_mb_per_s": r.bench.map(|b| b.0),
         })
     );
 }
