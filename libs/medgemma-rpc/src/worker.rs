@@ -281,13 +281,17 @@ pub const WATCHDOG_EXIT_CODE: i32 = 70;
 /// Watches `pulse` until the process ends: a dead or wedged worker turns `health`
 /// NOT_SERVING; a wedged one that moves again turns it back SERVING; one that stays bad for
 /// `exit_after` ends the process with [`WATCHDOG_EXIT_CODE`]. Run it on its own task once the
-/// service is SERVING.
+/// service is SERVING. It ends when the server begins its shutdown: a worker that stops with
+/// its server is not a broken one.
 pub async fn watchdog(health: Health, pulse: Pulse, options: WatchdogOptions) {
     let mut bad_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(options.check_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if health.is_stopping() {
+            return;
+        }
         match pulse.state(options.wedged_after) {
             WorkerState::Healthy => {
                 if bad_since.take().is_some() {
