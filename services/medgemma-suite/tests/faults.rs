@@ -134,7 +134,10 @@ async fn health_becomes(addr: SocketAddr, want: ServingStatus, within: Duration)
         if got == Some(want) {
             return;
         }
-        assert!(t.elapsed() < within, "{addr}: health {got:?}, want {want:?}");
+        assert!(
+            t.elapsed() < within,
+            "{addr}: health {got:?}, want {want:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -266,7 +269,10 @@ fn load_soak_and_a_rolling_restart_lose_nothing() {
         for _ in 0..8 {
             rx.recv().await.expect("every stream sends a delta");
         }
-        assert!(busy(g1.addr).await > 0, "streams run on the replica to stop");
+        assert!(
+            busy(g1.addr).await > 0,
+            "streams run on the replica to stop"
+        );
         g1.signal("TERM");
         // New requests go to the other replica while g1 drains.
         let mut c2 = c.clone();
@@ -279,7 +285,10 @@ fn load_soak_and_a_rolling_restart_lose_nothing() {
             assert_eq!(text, resp.answer);
         }
         let exit = tokio::task::block_in_place(|| g1.wait_exit(Duration::from_secs(60)));
-        assert!(exit.is_some_and(|s| s.success()), "g1 drained and exited: {exit:?}");
+        assert!(
+            exit.is_some_and(|s| s.success()),
+            "g1 drained and exited: {exit:?}"
+        );
         let r = c2
             .ask(ask("What is a cough?", 4, Duration::from_secs(120)))
             .await;
@@ -313,7 +322,11 @@ async fn soak(c: &ClinicalTasksClient<Channel>, procs: &[&Proc]) {
                 });
                 let r = match (w + n) % 3 {
                     0 => c
-                        .ask(ask(&format!("Define term {w}-{n}."), 8, Duration::from_secs(120)))
+                        .ask(ask(
+                            &format!("Define term {w}-{n}."),
+                            8,
+                            Duration::from_secs(120),
+                        ))
                         .await
                         .map(|_| ()),
                     1 => c
@@ -345,7 +358,12 @@ async fn soak(c: &ClinicalTasksClient<Channel>, procs: &[&Proc]) {
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if baseline.is_none() && Instant::now() >= warm {
-            baseline = Some(procs.iter().map(|p| footprint(p.child.id())).collect::<Vec<_>>());
+            baseline = Some(
+                procs
+                    .iter()
+                    .map(|p| footprint(p.child.id()))
+                    .collect::<Vec<_>>(),
+            );
         }
     }
     let (mut ok, mut refused) = (0, 0);
@@ -370,7 +388,12 @@ async fn soak(c: &ClinicalTasksClient<Channel>, procs: &[&Proc]) {
             b.2,
             a.2
         );
-        assert!(growth < 0.05, "{}: RSS grew {:.1}% after warm-up", p.name, growth * 100.0);
+        assert!(
+            growth < 0.05,
+            "{}: RSS grew {:.1}% after warm-up",
+            p.name,
+            growth * 100.0
+        );
         assert!(a.1 <= b.1 + 4, "{}: file descriptors leak", p.name);
         assert!(a.2 <= b.2 + 4, "{}: threads leak", p.name);
     }
@@ -398,7 +421,11 @@ fn killed_and_silent_replicas_get_clear_statuses_and_the_rest_keeps_serving() {
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
         let stream = tokio::spawn(stream_to_end(
             c.clone(),
-            ask("Explain heart failure in detail.", 400, Duration::from_secs(300)),
+            ask(
+                "Explain heart failure in detail.",
+                400,
+                Duration::from_secs(300),
+            ),
             Some(tx),
         ));
         rx.recv().await.expect("the stream sends a delta");
@@ -424,13 +451,20 @@ fn killed_and_silent_replicas_get_clear_statuses_and_the_rest_keeps_serving() {
             "{s:?}"
         );
         let mut c1 = c.clone();
-        let r = c1.ask(ask("What is anemia?", 4, Duration::from_secs(120))).await;
+        let r = c1
+            .ask(ask("What is anemia?", 4, Duration::from_secs(120)))
+            .await;
         assert!(r.is_ok(), "the other replica serves: {r:?}");
 
         // Restart the killed replica on its port; then kill one during a long prefill.
         let port = gens[victim].addr.to_string();
         gens[victim] = generator(&a, &port);
-        health_becomes(gens[victim].addr, ServingStatus::Serving, Duration::from_secs(60)).await;
+        health_becomes(
+            gens[victim].addr,
+            ServingStatus::Serving,
+            Duration::from_secs(60),
+        )
+        .await;
         let long = "The patient reports fatigue and dyspnea. ".repeat(120);
         let t = Instant::now();
         let stream = tokio::spawn(stream_to_end(
@@ -469,18 +503,24 @@ fn killed_and_silent_replicas_get_clear_statuses_and_the_rest_keeps_serving() {
             }
         }
         assert!(live >= 1, "one replica is still up");
-        let r = c1.ask(ask("What is sepsis?", 4, Duration::from_secs(120))).await;
+        let r = c1
+            .ask(ask("What is sepsis?", 4, Duration::from_secs(120)))
+            .await;
         assert!(r.is_ok(), "still served: {r:?}");
 
         // The tokenizer killed: UNAVAILABLE, gateway NOT_SERVING; back on its port: SERVING.
         let tok_port = tok.addr.to_string();
         tok.kill();
-        let r = c1.ask(ask("What is asthma?", 4, Duration::from_secs(30))).await;
+        let r = c1
+            .ask(ask("What is asthma?", 4, Duration::from_secs(30)))
+            .await;
         assert_eq!(r.unwrap_err().code(), Code::Unavailable);
         health_becomes(gw.addr, ServingStatus::NotServing, Duration::from_secs(10)).await;
         tok = tokenizer(&a, &tok_port);
         health_becomes(gw.addr, ServingStatus::Serving, Duration::from_secs(20)).await;
-        let r = c1.ask(ask("What is asthma?", 4, Duration::from_secs(120))).await;
+        let r = c1
+            .ask(ask("What is asthma?", 4, Duration::from_secs(120)))
+            .await;
         assert!(r.is_ok(), "answering again: {r:?}");
 
         // A replica that accepts connections and never answers: the deadline holds.
@@ -495,7 +535,9 @@ fn killed_and_silent_replicas_get_clear_statuses_and_the_rest_keeps_serving() {
         let gw2 = gateway(tok.addr, &silent_addr.to_string(), &[]);
         let mut c3 = client(gw2.addr).await;
         let t = Instant::now();
-        let r = c3.ask(ask("What is a stroke?", 4, Duration::from_secs(2))).await;
+        let r = c3
+            .ask(ask("What is a stroke?", 4, Duration::from_secs(2)))
+            .await;
         let waited = t.elapsed();
         // tonic's client enforces the deadline too (as CANCELLED): either side's expiry is
         // DEADLINE_EXCEEDED to the caller.
