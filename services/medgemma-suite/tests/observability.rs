@@ -524,6 +524,45 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
             >= 1.0
     );
 
+    // --log-content is the one way content reaches a log: a second gateway with it logs the
+    // prompt it encodes and the answer at debug level, and warns at start-up.
+    let g = generator.addr.to_string();
+    let tok = tokenizer.addr.to_string();
+    let open = procs::spawn(
+        "medgemma-gateway",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tokenizer-addr",
+            &tok,
+            "--text-pool",
+            &g,
+            "--log-content",
+            "--log-format",
+            "json",
+        ],
+        &[("MEDGEMMA_LOG", "debug")],
+    );
+    rt.block_on(async {
+        let mut c = ClinicalTasksClient::connect(format!("http://{}", open.addr))
+            .await
+            .unwrap();
+        c.ask(pb::AskRequest {
+            question: format!("{CANARY}: what is angina?"),
+            system: None,
+            sampling: sampling(4),
+        })
+        .await
+        .expect("the --log-content gateway answers");
+    });
+    let logs = open.logs();
+    assert!(
+        logs.contains("--log-content is on"),
+        "no start-up warning: {logs}"
+    );
+    assert!(logs.contains(CANARY), "--log-content logged no content");
+    drop(open);
+
     // SIGTERM flushes each exporter; then every span is in.
     for p in [&mut gateway, &mut generator, &mut vision, &mut tokenizer] {
         p.terminate();
@@ -589,6 +628,28 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
     ] {
         assert!(chat.attributes.contains_key(key), "chat span lacks {key}");
     }
+    // Prefill: how much the prefix cache served, and one span per forward step it took.
+    let prefill = spans
+        .iter()
+        .find(|s| s.trace_id == id(summary_trace) && s.name == "prefill")
+        .expect("a prefill span");
+    assert!(
+        prefill
+            .attributes
+            .contains_key("medgemma.prefix_cache.tokens_reused")
+    );
+    let chunks: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.parent == prefill.span_id && s.name == "prefill.chunk")
+        .collect();
+    assert!(
+        !chunks.is_empty(),
+        "no prefill.chunk under the prefill span"
+    );
+    assert_eq!(
+        prefill.attributes["medgemma.prefill.chunks"],
+        chunks.len().to_string()
+    );
     let decode = spans
         .iter()
         .find(|s| s.trace_id == id(summary_trace) && s.name == "decode")
