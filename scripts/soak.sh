@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The soak of the faults test (services/medgemma-suite/tests/faults.rs) for longer than CI's
-# 30 s: mixed tasks at 8 in flight through the gateway to two generator replicas, each a
+# 2 minutes: mixed tasks at 8 in flight through the gateway to two generator replicas, each a
 # separate process; prints per process RSS, file descriptors and threads at half time and at
 # the end, and fails on RSS growth over 5% or any fd/thread growth.
 #   scripts/soak.sh          # 10 minutes
-#   scripts/soak.sh 120      # 2 minutes
+#   scripts/soak.sh 1800     # 30 minutes
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/medgemma-serve/target}"

@@ -4,7 +4,7 @@
 //!
 //! - load: 64 concurrent streams through the gateway, each answered or refused with
 //!   RESOURCE_EXHAUSTED, none lost; then a soak of mixed tasks for `MEDGEMMA_SOAK_SECS`
-//!   (default 30; `scripts/soak.sh` runs longer) with RSS, file descriptors and threads of
+//!   (default 120; `scripts/soak.sh` runs longer) with RSS, file descriptors and threads of
 //!   every process flat after warm-up;
 //! - a rolling restart: SIGTERM one of two generator replicas while streams run: every stream
 //!   finishes, new requests go to the other replica;
@@ -296,14 +296,14 @@ fn load_soak_and_a_rolling_restart_lose_nothing() {
     });
 }
 
-/// Mixed tasks at 8 in flight for `MEDGEMMA_SOAK_SECS` (default 30): every request answered
+/// Mixed tasks at 8 in flight for `MEDGEMMA_SOAK_SECS` (default 120): every request answered
 /// or refused with RESOURCE_EXHAUSTED; RSS within 5% of its level at half time (the warm-up),
 /// file descriptors and threads not growing.
 async fn soak(c: &ClinicalTasksClient<Channel>, procs: &[&Proc]) {
     let secs: u64 = std::env::var("MEDGEMMA_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(120);
     let start = Instant::now();
     let end = start + Duration::from_secs(secs);
     let warm = start + Duration::from_secs(secs / 2);
