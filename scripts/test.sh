@@ -58,7 +58,8 @@ bash scripts/deid-eval.sh
 # requests, SIGTERM).
 bash tests/blackbox/run.sh
 # The CUDA build, without a GPU: tools/cuda/env.sh's pinned toolkit wheels (PyPI, ~1.2 GB,
-# cached under $MEDGEMMA_CACHE_DIR/tools), `cargo clippy --features cuda` in a target
-# directory of its own (candle-kernels' PTX for sm_90 included; ~10 min cold on 2 cores,
-# seconds warm), then the device check's CPU steps (tools/device/check.sh --dry-run).
+# cached under $MEDGEMMA_CACHE_DIR/tools), `cargo clippy --features cuda` in this target
+# directory (only what the cuda feature changes is checked again: candle with cudarc, the
+# kernels' PTX for sm_90, our crates; seconds warm), then the device check's CPU steps
+# (tools/device/check.sh --dry-run).
 bash tools/device/check.sh --dry-run --out "$(mktemp -d)"

@@ -1,19 +1,9 @@
-//! Any bytes as a DICOM data set (the preamble and "DICM" prefix added): the pre-parse walk,
-//! dicom-rs and our display pipeline return an image or an error, never a panic or a stack
-//! overflow.
+//! libFuzzer driver of `bodies/dicom.rs` (its doc says what is checked); `scripts/fuzz.sh`
+//! runs it, and CI runs the same body over the seeds and their mutations
+//! (`services/medgemma-suite/tests/fuzz_bodies.rs`).
 #![no_main]
 
-use libfuzzer_sys::fuzz_target;
-use medgemma_vision::{DecodeOptions, decode_image};
+#[path = "../bodies/dicom.rs"]
+mod body;
 
-fuzz_target!(|data: &[u8]| {
-    let mut file = vec![0u8; 128];
-    file.extend_from_slice(b"DICM");
-    file.extend_from_slice(data);
-    let opts = DecodeOptions {
-        max_encoded_bytes: 1 << 20,
-        max_pixels: 4_000_000,
-        ..DecodeOptions::default()
-    };
-    let _ = decode_image(&file, &opts);
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| body::run(data));

@@ -353,7 +353,7 @@ class Production(unittest.TestCase):
         scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in by_kind(docs, "ScaledObject")}
         for pool in ("text", "multimodal"):
             so = scaled[f"medgemma-generator-{pool}"]
-            self.assertIn("medgemma_num_requests_waiting", so["spec"]["triggers"][0]["metadata"]["query"])
+            self.assertIn("medgemma:num_requests_waiting", so["spec"]["triggers"][0]["metadata"]["query"])
         hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in by_kind(docs, "HorizontalPodAutoscaler")}
         for name in ("medgemma-gateway", "medgemma-tokenizer"):
             self.assertEqual(hpas[name]["spec"]["metrics"][0]["resource"]["name"], "cpu")
@@ -363,8 +363,31 @@ class Production(unittest.TestCase):
                    if h["metadata"]["name"] == "medgemma-generator-text")
         self.assertEqual(hpa["spec"]["metrics"][0]["pods"]["metric"]["name"], "medgemma_num_requests_waiting")
         rules = next(c for c in by_kind(alt, "ConfigMap") if c["metadata"]["name"].endswith("adapter-rules"))
-        self.assertIn("medgemma_num_requests_waiting", rules["data"]["config.yaml"])
+        self.assertIn("medgemma:num_requests_waiting", rules["data"]["config.yaml"])
         self.assertEqual(validate(alt, KUBE_VERSION), [])
+
+    def test_metrics_are_served_where_prometheus_scrapes_and_generators_plan_gpu_memory(self):
+        docs = rendered("production")
+        for d in by_kind(docs, "Deployment"):
+            c = d["spec"]["template"]["spec"]["containers"][0]
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            self.assertEqual(env["MEDGEMMA_METRICS_ADDR"], f"0.0.0.0:{ports['metrics']}", d["metadata"]["name"])
+            if d["metadata"]["name"].startswith("medgemma-generator-"):
+                flags = dict(zip(c["args"][::2], c["args"][1::2]))
+                self.assertEqual(flags["--gpu-memory-utilization"], "0.9", d["metadata"]["name"])
+        # The gateway drains as long as the generators: streams live as long as generations.
+        gw = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "medgemma-gateway")
+        gen = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "medgemma-generator-text")
+        drain = lambda d: dict(zip(d["spec"]["template"]["spec"]["containers"][0]["args"][::2],
+                                   d["spec"]["template"]["spec"]["containers"][0]["args"][1::2]))
+        self.assertEqual(drain(gw)["--drain-timeout"], "120s")
+        self.assertEqual(drain(gen)["--drain-timeout-s"], "120")
+        self.assertGreater(gw["spec"]["template"]["spec"]["terminationGracePeriodSeconds"], 120)
+        dev = rendered("dev")
+        for d in by_kind(dev, "Deployment"):
+            args = d["spec"]["template"]["spec"]["containers"][0]["args"]
+            self.assertNotIn("--gpu-memory-utilization", args, "CPU pools plan no GPU memory")
 
     def test_only_the_gateway_is_reachable_from_outside(self):
         docs = rendered("production")

@@ -86,8 +86,16 @@ nvrtc=$(find -L "$CUDA_ROOT" -name "libnvrtc.so*" 2>/dev/null | sort | head -1)
 step "NVRTC compiles the paged-attention kernels ($nvrtc)"
 python3 tools/device/nvrtc_check.py --nvrtc "$nvrtc" 2>&1 | tee "$out/nvrtc.log" >&2
 
-# A target directory of its own: --features cuda must not invalidate the CPU build.
-export CARGO_TARGET_DIR="${MEDGEMMA_CUDA_TARGET_DIR:-$HOME/.cache/medgemma-serve/target-cuda}"
+# The dry run (CI) checks in the CPU build's target directory: every dependency the cuda
+# feature does not touch is already checked there by the CPU clippy, and the cuda feature's
+# artifacts (other feature hashes) sit beside the CPU ones without invalidating them. The device
+# run builds release binaries in a directory of its own.
+CPU_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/medgemma-serve/target}"
+if [ "$dry" = 1 ]; then
+  export CARGO_TARGET_DIR="${MEDGEMMA_CUDA_TARGET_DIR:-${MEDGEMMA_CPU_TARGET_DIR:-${CARGO_TARGET_DIR:-$HOME/.cache/medgemma-serve/target}}}"
+else
+  export CARGO_TARGET_DIR="${MEDGEMMA_CUDA_TARGET_DIR:-$HOME/.cache/medgemma-serve/target-cuda}"
+fi
 export MEDGEMMA_REQUIRE_ASSETS=0
 
 if [ "$dry" = 1 ]; then
@@ -97,8 +105,7 @@ if [ "$dry" = 1 ]; then
   note "cuda check: ok ($(( $(date +%s) - t0 )) s)"
   # The CPU build of what is CUDA-specific: launch shapes, metadata, masks, memory planning,
   # device selection (no GPU: a clear error), and the paged path on the CPU.
-  unset CARGO_TARGET_DIR
-  export CARGO_TARGET_DIR="${MEDGEMMA_CPU_TARGET_DIR:-$HOME/.cache/medgemma-serve/target}"
+  export CARGO_TARGET_DIR="${MEDGEMMA_CPU_TARGET_DIR:-${CPU_TARGET_DIR}}"
   step "CPU tests of the CUDA-specific code"
   cargo test -q -p medgemma-model --lib -- paged:: memory:: device:: 2>&1 | tee "$out/tests.log" >&2
   cargo test -q -p medgemma-model --test paged 2>&1 | tee -a "$out/tests.log" >&2

@@ -119,6 +119,22 @@ pub struct GenerationOutput {
     /// `(id, logprob)` for each of the request's `logprob_token_ids`, in request order, at the
     /// first generated position; empty when none were asked for (or no token was generated).
     pub first_token_logprobs: Vec<(u32, f32)>,
+    /// Prompt tokens whose KV came from the prefix cache (not prefilled).
+    pub prefix_cached_tokens: usize,
+    /// The forward steps that prefilled this sequence's prompt until its first token, in order.
+    pub prefill_chunks: Vec<PrefillChunk>,
+}
+
+/// One step's share of a sequence's prefill.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillChunk {
+    /// When the step's forward began and ended.
+    pub start: Instant,
+    pub end: Instant,
+    /// Prompt tokens this sequence ran in the step.
+    pub tokens: usize,
+    /// Sequences in the step (decode rows and prefill chunks).
+    pub batch: usize,
 }
 
 impl GenerationOutput {
@@ -295,6 +311,8 @@ struct Sequence {
     scheduled: Option<Instant>,
     first_token: Option<Instant>,
     kv_peak: usize,
+    prefix_cached: usize,
+    prefill_chunks: Vec<PrefillChunk>,
 }
 
 impl Sequence {
@@ -475,6 +493,8 @@ impl Engine {
             scheduled: None,
             first_token: None,
             kv_peak: 0,
+            prefix_cached: 0,
+            prefill_chunks: Vec::new(),
         };
         self.seqs.insert(id, seq);
         self.waiting.push_back(id);
@@ -580,6 +600,7 @@ impl Engine {
             self.refresh_stats();
             return Ok(events);
         }
+        let started = Instant::now();
         let logits = match self.forward(&plan) {
             Ok(l) => l,
             Err(e) => {
@@ -598,9 +619,18 @@ impl Engine {
             }
         };
         let in_use = self.kv.bytes_in_use();
-        for (&(id, _), lg) in plan.iter().zip(logits) {
+        let ended = Instant::now();
+        for (&(id, rows), lg) in plan.iter().zip(logits) {
             let seq = self.seqs.get_mut(&id).expect("planned sequences exist");
             seq.kv_peak = seq.kv_peak.max(in_use);
+            if seq.first_token.is_none() {
+                seq.prefill_chunks.push(PrefillChunk {
+                    start: started,
+                    end: ended,
+                    tokens: rows,
+                    batch: plan.len(),
+                });
+            }
             if seq.pending() > 0 {
                 continue; // a prefill chunk that is not the last
             }
@@ -653,6 +683,7 @@ impl Engine {
                     .kv
                     .prefix_hashes(&seq.tokens[..seq.tokens.len() - 1], seq.salt);
                 let hit = self.kv.attach_prefix(&mut seq.kv, &hashes);
+                seq.prefix_cached += hit;
                 self.stats.prefix_query_tokens += seq.tokens.len() as u64;
                 self.stats.prefix_hit_tokens += hit as u64;
             }
@@ -834,6 +865,8 @@ impl Engine {
             decode_time: seq.first_token.map(|t| t.elapsed()).unwrap_or_default(),
             kv_bytes_peak: seq.kv_peak,
             first_token_logprobs: seq.first_token_logprobs,
+            prefix_cached_tokens: seq.prefix_cached,
+            prefill_chunks: seq.prefill_chunks,
         }
     }
 

@@ -123,6 +123,27 @@ fn header_code(headers: &http::HeaderMap) -> Option<tonic::Code> {
         .map(tonic::Code::from_i32)
 }
 
+/// tonic answers a request message it cannot decode (invalid UTF-8 in a string field, a
+/// malformed protobuf) with INTERNAL, as if the server had failed; the caller sent bad input,
+/// so it becomes INVALID_ARGUMENT (the message, tonic's, names the field and never its value).
+fn request_decode_is_invalid_argument(headers: &mut http::HeaderMap) -> Option<tonic::Code> {
+    if header_code(headers) != Some(tonic::Code::Internal) {
+        return None;
+    }
+    let status = Status::from_header_map(headers)?;
+    if !status
+        .message()
+        .starts_with("failed to decode Protobuf message")
+    {
+        return None;
+    }
+    headers.insert(
+        "grpc-status",
+        http::HeaderValue::from(tonic::Code::InvalidArgument as i32),
+    );
+    Some(tonic::Code::InvalidArgument)
+}
+
 /// What is recorded once a call ends.
 struct CallRecord {
     service: &'static str,
@@ -327,7 +348,9 @@ where
                     }
                 },
             };
-            let header_code = header_code(response.headers());
+            let mut response = response;
+            let header_code = request_decode_is_invalid_argument(response.headers_mut())
+                .or_else(|| header_code(response.headers()));
             tracing::debug!(
                 grpc.status = header_code.map_or("in trailers", code_name),
                 elapsed_ms = started.elapsed().as_secs_f64() * 1e3,

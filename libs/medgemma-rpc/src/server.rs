@@ -74,6 +74,8 @@ impl Default for ServeOptions {
 pub struct Health {
     reporter: HealthReporter,
     services: Arc<[String]>,
+    /// Set once the server stops accepting: its workers may then end without being broken.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Health {
@@ -81,6 +83,7 @@ impl Health {
         let health = Self {
             reporter: HealthReporter::new(),
             services: services.iter().map(|s| (*s).to_owned()).collect(),
+            stopping: Arc::default(),
         };
         health.set_all(ServingStatus::NotServing).await;
         health
@@ -104,6 +107,12 @@ impl Health {
     pub async fn set_not_serving(&self) {
         self.set_all(ServingStatus::NotServing).await;
         tracing::info!(services = ?self.services, "health: not serving");
+    }
+
+    /// Whether the server has begun its shutdown (the drain): a worker that ends from then on
+    /// is shutting down with it, not dead.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The underlying reporter, for per-service statuses.
@@ -342,6 +351,9 @@ impl RpcServer {
                 },
             }
         }
+        health
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         health.set_not_serving().await;
         drop(listener);
         let _abort_health_only = health_only.map(AbortOnDrop);

@@ -91,24 +91,36 @@ pub fn record_span(
     service: &'static str,
     start: std::time::SystemTime,
     end: std::time::SystemTime,
-    mut attributes: Vec<KeyValue>,
-) {
-    use opentelemetry::trace::{Span as _, TraceContextExt as _, Tracer as _};
+    attributes: Vec<KeyValue>,
+) -> Option<opentelemetry::Context> {
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let Some(tracer) = TRACER.get() else {
-        return;
-    };
-    let cx = parent.context();
+    record_span_in(&parent.context(), name, service, start, end, attributes)
+}
+
+/// [`record_span`] under an OpenTelemetry context (the one an earlier [`record_span`]
+/// returned, to nest phases: a prefill's chunks). Returns the new span's context.
+pub fn record_span_in(
+    cx: &opentelemetry::Context,
+    name: &'static str,
+    service: &'static str,
+    start: std::time::SystemTime,
+    end: std::time::SystemTime,
+    mut attributes: Vec<KeyValue>,
+) -> Option<opentelemetry::Context> {
+    use opentelemetry::trace::{Span as _, TraceContextExt as _, Tracer as _};
+    let tracer = TRACER.get()?;
     if !cx.span().span_context().is_valid() {
-        return;
+        return None;
     }
     attributes.push(KeyValue::new(SERVICE_ATTRIBUTE, service));
     let mut span = tracer
         .span_builder(name)
         .with_start_time(start)
         .with_attributes(attributes)
-        .start_with_context(tracer, &cx);
+        .start_with_context(tracer, cx);
+    let recorded = span.span_context().clone();
     span.end_with_timestamp(end);
+    Some(opentelemetry::Context::new().with_remote_span_context(recorded))
 }
 
 /// Whether `--log-content` is on: only then may request or response content be logged (at

@@ -275,19 +275,48 @@ impl Default for WatchdogOptions {
     }
 }
 
+/// The watchdog's flags, flattened into the command lines of the services with a model
+/// thread (generator, vision).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchdogArgs {
+    /// Seconds the model thread may hold work without progress before health reports
+    /// NOT_SERVING (a wedged worker).
+    #[arg(long, env = "MEDGEMMA_WORKER_WEDGED_AFTER_S", default_value_t = 120)]
+    pub worker_wedged_after_s: u64,
+    /// Seconds health stays NOT_SERVING for a dead or wedged model thread before the process
+    /// exits non-zero (70) for its orchestrator to restart it.
+    #[arg(long, env = "MEDGEMMA_WATCHDOG_GRACE_S", default_value_t = 30)]
+    pub watchdog_grace_s: u64,
+}
+
+impl WatchdogArgs {
+    /// The watchdog these flags describe.
+    pub fn options(&self) -> WatchdogOptions {
+        WatchdogOptions {
+            wedged_after: Duration::from_secs(self.worker_wedged_after_s),
+            exit_after: Some(Duration::from_secs(self.watchdog_grace_s)),
+            ..WatchdogOptions::default()
+        }
+    }
+}
+
 /// The exit status of a process whose worker died or stayed wedged (EX_SOFTWARE).
 pub const WATCHDOG_EXIT_CODE: i32 = 70;
 
 /// Watches `pulse` until the process ends: a dead or wedged worker turns `health`
 /// NOT_SERVING; a wedged one that moves again turns it back SERVING; one that stays bad for
 /// `exit_after` ends the process with [`WATCHDOG_EXIT_CODE`]. Run it on its own task once the
-/// service is SERVING.
+/// service is SERVING. It ends when the server begins its shutdown: a worker that stops with
+/// its server is not a broken one.
 pub async fn watchdog(health: Health, pulse: Pulse, options: WatchdogOptions) {
     let mut bad_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(options.check_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if health.is_stopping() {
+            return;
+        }
         match pulse.state(options.wedged_after) {
             WorkerState::Healthy => {
                 if bad_since.take().is_some() {

@@ -188,3 +188,50 @@ async fn drain_is_bounded_and_health_goes_not_serving() {
     );
     assert!(t.elapsed() < Duration::from_secs(2));
 }
+
+/// A worker that ends with its server (the service was stopped and dropped) is not a dead
+/// worker: the watchdog ends with the drain instead of exiting the process (which would end
+/// this test binary with status 70).
+#[tokio::test]
+async fn the_watchdog_ends_with_its_server() {
+    use medgemma_rpc::worker::{self, Jobs, WatchdogOptions};
+    let server = RpcServer::bind("127.0.0.1:0", &[SERVICE]).await.unwrap();
+    let health = server.health();
+    health.set_serving().await;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(Routes::default(), async {
+        let _ = stopped.await;
+    }));
+    let (queue, pulse) = worker::spawn(
+        "watched",
+        1,
+        |mut jobs: Jobs<()>, _pulse| {
+            while jobs.recv().is_some() {}
+        },
+    )
+    .unwrap();
+    let watchdog = tokio::spawn(worker::watchdog(
+        health,
+        pulse.clone(),
+        WatchdogOptions {
+            wedged_after: Duration::from_secs(60),
+            exit_after: Some(Duration::ZERO),
+            check_every: Duration::from_millis(10),
+        },
+    ));
+    stop.send(()).unwrap();
+    serving.await.unwrap().unwrap();
+    drop(queue);
+    let t = std::time::Instant::now();
+    while pulse.is_alive() && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        !pulse.is_alive(),
+        "the worker thread ends when its queue closes"
+    );
+    tokio::time::timeout(Duration::from_secs(2), watchdog)
+        .await
+        .expect("the watchdog ends after its server stopped")
+        .unwrap();
+}

@@ -7,7 +7,7 @@ mod common;
 use std::io::Cursor;
 
 use common::blob;
-use medgemma_vision::hostile::{insert_before_pixel_data, nested_dicom_sequences};
+use medgemma_vision::hostile::{insert_before_pixel_data, nested_dicom_sequences, png_header_only};
 use medgemma_vision::{DecodeOptions, RgbImage, VisionError, decode_image};
 
 fn decode(bytes: &[u8]) -> Result<RgbImage, VisionError> {
@@ -23,40 +23,6 @@ fn expect_err(bytes: &[u8]) -> VisionError {
         ),
         Err(e) => e,
     }
-}
-
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// A PNG that is only a signature, an IHDR claiming `width` x `height` RGB, and IEND.
-fn png_header_only(width: u32, height: u32) -> Vec<u8> {
-    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
-    let mut chunk = |kind: &[u8], data: &[u8]| {
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        let mut body = kind.to_vec();
-        body.extend_from_slice(data);
-        out.extend_from_slice(&body);
-        out.extend_from_slice(&crc32(&body).to_be_bytes());
-    };
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&width.to_be_bytes());
-    ihdr.extend_from_slice(&height.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    chunk(b"IHDR", &ihdr);
-    chunk(b"IEND", &[]);
-    out
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> usize {

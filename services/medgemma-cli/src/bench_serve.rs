@@ -54,6 +54,11 @@ pub struct BenchServeArgs {
     /// Print the results as one JSON object on stdout as well.
     #[arg(long)]
     pub json: bool,
+    /// Export every span over OTLP/gRPC to a receiver inside this process, as to a collector,
+    /// to measure what export costs (`scripts/bench-telemetry.sh` compares runs with and
+    /// without it). Without it, as without `OTEL_EXPORTER_OTLP_ENDPOINT`, nothing is exported.
+    #[arg(long)]
+    pub otlp_sink: bool,
 }
 
 /// Per-level measurements.
@@ -221,6 +226,7 @@ pub(crate) fn ms(d: Duration) -> f64 {
 }
 
 pub fn run(a: BenchServeArgs) -> anyhow::Result<()> {
+    let sink = a.otlp_sink.then(crate::otlp_sink::bind).transpose()?;
     let path = a
         .model
         .clone()
@@ -241,7 +247,28 @@ pub fn run(a: BenchServeArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(bench(a, path, model, tokenizer))
+    rt.block_on(async {
+        // Telemetry as the services have it: W3C context on every hop, spans exported only
+        // with an OTLP endpoint (set by --otlp-sink).
+        let telemetry = medgemma_rpc::telemetry::init_suite(
+            "medgemma-bench",
+            "warn",
+            &medgemma_rpc::CommonArgs::default(),
+        )
+        .await?;
+        let counts = sink.map(crate::otlp_sink::Sink::serve).transpose()?;
+        let result = bench(a, path, model, tokenizer).await;
+        telemetry.shutdown();
+        if let Some(c) = counts {
+            // The batch exporter's last flush is in flight; give it a moment to land.
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            let (spans, exports) = c.get();
+            println!(
+                "OTLP export: {spans} spans in {exports} export calls reached the in-process sink"
+            );
+        }
+        result
+    })
 }
 
 /// The measurements of one level from its samples.

@@ -17,6 +17,7 @@ mod eval_deid;
 mod fetch_model;
 mod generate;
 mod llama_server;
+mod otlp_sink;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -94,8 +95,8 @@ struct FetchDemoArgs {
 fn main() {
     medgemma_rpc::pin_thread_count();
     let cli = Cli::parse();
-    // `up` starts its own telemetry (JSON logs, traces, metrics) inside its runtime.
-    if !matches!(cli.command, Command::Up(_)) {
+    // `up` and `bench-serve` start their own telemetry (logs, traces) inside their runtime.
+    if !matches!(cli.command, Command::Up(_) | Command::BenchServe(_)) {
         medgemma_rpc::init_logging("warn");
     }
     let res = match cli.command {

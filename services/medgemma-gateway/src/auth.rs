@@ -89,6 +89,7 @@ struct KeyEntry {
     sha256: [u8; 32],
     all_tasks: bool,
     tasks: Vec<String>,
+    override_system: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -103,6 +104,9 @@ struct KeyFileEntry {
     name: String,
     sha256: String,
     tasks: Vec<String>,
+    /// May the key replace a task's system prompt (`AskRequest.system`)? Default: no.
+    #[serde(default)]
+    override_system: bool,
 }
 
 /// Parses a keys file; the error says what is wrong (never a hash or key).
@@ -138,6 +142,7 @@ fn parse_keys(json: &[u8]) -> Result<Vec<KeyEntry>, String> {
             name: k.name,
             sha256,
             tasks: k.tasks,
+            override_system: k.override_system,
         });
     }
     Ok(keys)
@@ -221,6 +226,30 @@ impl KeyStore {
 struct Principal {
     key: Option<String>,
     client_cert: Option<String>,
+    override_system: bool,
+}
+
+/// Whether the caller may replace a task's system prompt, in the request's extensions: an API
+/// key listed with `"override_system": true`, or any caller under `--auth none`. Absent (the
+/// service run without the guard, as embedded in tests): allowed.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemOverride(pub bool);
+
+impl SystemOverride {
+    /// PERMISSION_DENIED when `request` sets a system prompt its caller may not set.
+    pub fn check<T>(request: &tonic::Request<T>, sets_system: bool) -> Result<(), Status> {
+        let allowed = request
+            .extensions()
+            .get::<Self>()
+            .is_none_or(|SystemOverride(allowed)| *allowed);
+        if sets_system && !allowed {
+            return Err(Status::permission_denied(
+                "this caller may not set `system`: the server fixes each task's system prompt \
+                 (an API key may be allowed with \"override_system\": true)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The checks in front of `ClinicalTasks`.
@@ -299,9 +328,13 @@ impl Guard {
         let mut principal = Principal {
             key: None,
             client_cert: peer.map(|p| p.subject.clone()),
+            override_system: false,
         };
         match self.mode {
-            AuthMode::None => Ok(principal),
+            AuthMode::None => {
+                principal.override_system = true;
+                Ok(principal)
+            }
             AuthMode::ClientCert if principal.client_cert.is_some() => Ok(principal),
             AuthMode::ClientCert => Err((
                 principal,
@@ -321,6 +354,7 @@ impl Guard {
                     return Err((principal, Status::unauthenticated("invalid API key")));
                 };
                 principal.key = Some(entry.name.clone());
+                principal.override_system = entry.override_system;
                 if entry.all_tasks || entry.tasks.iter().any(|t| t == task) {
                     Ok(principal)
                 } else {
@@ -433,6 +467,8 @@ where
                 Box::pin(async move { Ok(status.into_http()) })
             }
             Ok(principal) => {
+                req.extensions_mut()
+                    .insert(SystemOverride(principal.override_system));
                 let audit = pending(principal);
                 req.extensions_mut().insert(note.clone());
                 let fut = self.inner.call(req);
@@ -505,7 +541,7 @@ mod tests {
 
     fn keys() -> Vec<KeyEntry> {
         let json = format!(
-            r#"{{"keys":[{{"name":"ehr","sha256":"{}","tasks":["Ask"]}},{{"name":"admin","sha256":"{}","tasks":["*"]}}]}}"#,
+            r#"{{"keys":[{{"name":"ehr","sha256":"{}","tasks":["Ask"]}},{{"name":"admin","sha256":"{}","tasks":["*"],"override_system":true}}]}}"#,
             key_hash("mgk_ehr"),
             key_hash("mgk_admin")
         );
@@ -558,8 +594,15 @@ mod tests {
         h.insert("authorization", "Bearer mgk_ehr".parse().unwrap());
         assert_eq!(code(&h, "Ask"), None);
         assert_eq!(code(&h, "Deidentify"), Some(tonic::Code::PermissionDenied));
+        let may_override =
+            |h: &http::HeaderMap| guard.check(h, None, "Ask").unwrap().override_system;
+        assert!(
+            !may_override(&h),
+            "a key without override_system keeps the server's prompt"
+        );
         h.insert("authorization", "bearer mgk_admin".parse().unwrap());
         assert_eq!(code(&h, "Deidentify"), None);
+        assert!(may_override(&h));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::audit::{AuditNote, HasUsage};
+use crate::auth::SystemOverride;
 use crate::error::GatewayError;
 use crate::tasks::{CallCtx, Deltas, Tasks};
 use crate::validate::{self, Limits};
@@ -254,6 +255,7 @@ impl ClinicalTasks for ClinicalTasksService {
     ) -> Result<Response<pb::AskResponse>, Status> {
         let ctx = self.ctx(&request);
         let note = AuditNote::of(&request);
+        SystemOverride::check(&request, request.get_ref().system.is_some())?;
         let task = validate::ask(request.into_inner(), &self.limits).map_err(fail)?;
         let r = self.tasks.ask(&ctx, task, None).await.map_err(fail)?;
         note.usage(r.usage.as_ref());
@@ -269,6 +271,7 @@ impl ClinicalTasks for ClinicalTasksService {
         use pb::ask_stream_response::Event;
         let ctx = self.ctx(&request);
         let note = AuditNote::of(&request);
+        SystemOverride::check(&request, request.get_ref().system.is_some())?;
         let task = validate::ask(request.into_inner(), &self.limits).map_err(fail)?;
         let tasks = self.tasks.clone();
         Ok(Response::new(stream_task(

@@ -265,6 +265,18 @@ impl Tasks {
             .flat_map(|m| &m.parts)
             .filter(|p| matches!(p.kind, Some(tok_pb::content_part::Kind::Image(_))))
             .count();
+        if medgemma_rpc::telemetry::log_content() {
+            let texts: Vec<&str> = messages
+                .iter()
+                .flat_map(|m| &m.parts)
+                .filter_map(|p| match &p.kind {
+                    Some(tok_pb::content_part::Kind::Text(t)) => Some(t.as_str()),
+                    _ => None,
+                })
+                .collect();
+            // Patient data: only with --log-content, which warned at start-up.
+            tracing::debug!(prompt = ?texts, "encoding (--log-content)");
+        }
         let fut = self.tokenizer.call(|ch| {
             let req = ctx.request(tok_pb::EncodeChatRequest {
                 messages: messages.clone(),

@@ -93,14 +93,9 @@ pub struct GeneratorArgs {
     /// INVALID_ARGUMENT.
     #[arg(long, env = "MEDGEMMA_MAX_CONSTRAINT_BYTES", default_value_t = 64 << 10)]
     pub max_constraint_bytes: usize,
-    /// Seconds the model thread may hold work without progress before health reports
-    /// NOT_SERVING (a wedged worker).
-    #[arg(long, env = "MEDGEMMA_WORKER_WEDGED_AFTER_S", default_value_t = 120)]
-    pub worker_wedged_after_s: u64,
-    /// Seconds health stays NOT_SERVING for a dead or wedged model thread before the process
-    /// exits non-zero (70) for its orchestrator to restart it.
-    #[arg(long, env = "MEDGEMMA_WATCHDOG_GRACE_S", default_value_t = 30)]
-    pub watchdog_grace_s: u64,
+    /// The model thread's health watchdog.
+    #[command(flatten)]
+    pub watchdog: medgemma_rpc::worker::WatchdogArgs,
     /// TLS, and mTLS with --tls-client-ca (production: only the gateway's certificate).
     #[command(flatten)]
     pub tls: medgemma_rpc::tls::ServerTlsArgs,
@@ -240,11 +235,7 @@ impl GeneratorArgs {
             drain_timeout: Duration::from_secs(self.drain_timeout_s),
             max_new_tokens_limit: self.max_new_tokens_limit,
             max_constraint_bytes: self.max_constraint_bytes,
-            watchdog: WatchdogOptions {
-                wedged_after: Duration::from_secs(self.worker_wedged_after_s),
-                exit_after: Some(Duration::from_secs(self.watchdog_grace_s)),
-                ..WatchdogOptions::default()
-            },
+            watchdog: self.watchdog.options(),
             tls: None,
             health_listen: None,
         }

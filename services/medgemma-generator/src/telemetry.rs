@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use medgemma_engine::generate::{EngineStats, GenerationOutput, GenerationRequest};
 use medgemma_rpc::metrics::metrics;
-use medgemma_rpc::telemetry::{GENERATOR, record_span};
+use medgemma_rpc::telemetry::{GENERATOR, record_span, record_span_in};
 use opentelemetry::{KeyValue, Value};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -125,7 +125,7 @@ pub(crate) fn finished(
         .unwrap_or(decode_start)
         .max(queued_until);
     record_span(span, "queue", GENERATOR, start, queued_until, vec![]);
-    record_span(
+    let prefill = record_span(
         span,
         "prefill",
         GENERATOR,
@@ -136,9 +136,30 @@ pub(crate) fn finished(
                 "gen_ai.usage.input_tokens",
                 out.prompt_token_ids.len() as i64,
             ),
+            KeyValue::new(
+                "medgemma.prefix_cache.tokens_reused",
+                out.prefix_cached_tokens as i64,
+            ),
+            KeyValue::new("medgemma.prefill.chunks", out.prefill_chunks.len() as i64),
             KeyValue::new("medgemma.batch_size.max", max_batch as i64),
         ],
     );
+    // One span per forward step that ran part of the prompt (not per token).
+    if let Some(cx) = prefill {
+        for c in &out.prefill_chunks {
+            record_span_in(
+                &cx,
+                "prefill.chunk",
+                GENERATOR,
+                system_time_of(c.start),
+                system_time_of(c.end),
+                vec![
+                    KeyValue::new("medgemma.prefill.tokens", c.tokens as i64),
+                    KeyValue::new("medgemma.batch_size", c.batch as i64),
+                ],
+            );
+        }
+    }
     record_span(
         span,
         "decode",
@@ -157,6 +178,10 @@ pub(crate) fn finished(
     );
     span.record("gen_ai.usage.output_tokens", out.token_ids.len() as i64);
     span.record("medgemma.batch_size", max_batch as i64);
+    span.record(
+        "medgemma.prefix_cache.tokens_reused",
+        out.prefix_cached_tokens as i64,
+    );
     span.set_attribute(
         "gen_ai.response.finish_reasons",
         Value::Array(vec![opentelemetry::StringValue::from(reason)].into()),
@@ -186,6 +211,7 @@ pub(crate) fn generate_span(
         gen_ai.usage.input_tokens = tracing::field::Empty,
         gen_ai.usage.output_tokens = tracing::field::Empty,
         medgemma.batch_size = tracing::field::Empty,
+        medgemma.prefix_cache.tokens_reused = tracing::field::Empty,
         medgemma.image_count = images as i64,
         medgemma.constrained = request.constraint.is_some(),
     )

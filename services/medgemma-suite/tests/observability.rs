@@ -13,10 +13,8 @@
 //!   documented metric exists with a plausible value.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +27,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use pb::clinical_tasks_client::ClinicalTasksClient;
+use procs::Proc;
+
+mod procs;
 
 /// Appears nowhere but in the requests' patient content.
 const CANARY: &str = "ZQXCANARY7731";
@@ -117,117 +118,25 @@ impl Receiver {
     }
 }
 
-/// A service binary running as its own process; killed (SIGKILL) if the test fails first.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    addr: SocketAddr,
-    metrics: SocketAddr,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    /// SIGTERM (drain, flush the exporter), then wait for the exit.
-    fn terminate(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("{} did not exit after SIGTERM", self.name);
-    }
-}
-
-/// Where `cargo build` put the binaries: `$CARGO_TARGET_DIR/debug` (scripts/test.sh sets it;
-/// a separate Cargo `build-dir` keeps this test's own executable elsewhere), else beside this
-/// test (target/debug/deps/<test> -> target/debug).
-fn bin_path(bin: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let beside = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let from_env = std::env::var_os("CARGO_TARGET_DIR").map(|d| PathBuf::from(d).join("debug"));
-    from_env
-        .into_iter()
-        .chain([beside])
-        .map(|d| d.join(bin))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| {
-            panic!("{bin} is missing: build the service binaries first (cargo build --bins)")
-        })
-}
-
 /// Starts `bin` with `args`, its own OTEL_SERVICE_NAME, export to `otlp`, JSON logs at TRACE,
 /// metrics on a free port; waits for its `listening on` lines.
 fn start(bin: &'static str, service: &str, otlp: SocketAddr, args: &[&str]) -> Proc {
-    let path = bin_path(bin);
-    let mut child = Command::new(&path)
-        .args(args)
-        .args(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
-        .env("OTEL_SERVICE_NAME", service)
-        .env("OTEL_BSP_SCHEDULE_DELAY", "200")
-        .env("MEDGEMMA_LOG", "trace")
-        .env("RAYON_NUM_THREADS", "2")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {bin}: {e}"));
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let mut err = child.stderr.take().unwrap();
-    let sink = stderr.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = err.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let out = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let (mut addr, mut metrics) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while addr.is_none() || metrics.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-            panic!(
-                "{bin} did not say where it listens; stderr:\n{}",
-                stderr.lock().unwrap()
-            )
-        });
-        let a = line.rsplit(' ').next().and_then(|a| a.parse().ok());
-        if line.contains("metrics listening on") {
-            metrics = a;
-        } else if line.contains("listening on") {
-            addr = a;
-        }
-    }
-    Proc {
-        name: bin,
-        child,
-        addr: addr.unwrap(),
-        metrics: metrics.unwrap(),
-        stderr,
-    }
+    let args: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(["--metrics-addr", "127.0.0.1:0", "--log-format", "json"])
+        .collect();
+    let otlp = format!("http://{otlp}");
+    procs::spawn(
+        bin,
+        &args,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()),
+            ("OTEL_SERVICE_NAME", service),
+            ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+            ("MEDGEMMA_LOG", "trace"),
+        ],
+    )
 }
 
 fn scrape(addr: SocketAddr) -> String {
@@ -523,10 +432,26 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
         );
     }
 
-    // Metrics, before the processes stop.
+    // Metrics, before the processes stop. A backend counts a call when its response body
+    // ends, a moment after the gateway has the last message: wait for the generator's count
+    // of streams to reach its count of first tokens (one per generation) and hold.
+    let settled = Instant::now();
+    loop {
+        let text = scrape(generator.metrics());
+        let streams = sample(
+            &text,
+            "medgemma:requests_total",
+            &[("method", "GenerateStream"), ("code", "OK")],
+        );
+        let ttft = sample(&text, "medgemma:time_to_first_token_seconds_count", &[]);
+        if (streams.is_some() && streams == ttft) || settled.elapsed() > Duration::from_secs(15) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let texts: Vec<(&str, String)> = [&tokenizer, &vision, &generator, &gateway]
         .iter()
-        .map(|p| (p.name, scrape(p.metrics)))
+        .map(|p| (p.name, scrape(p.metrics())))
         .collect();
     for (name, text) in &texts {
         assert!(
@@ -599,6 +524,45 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
             >= 1.0
     );
 
+    // --log-content is the one way content reaches a log: a second gateway with it logs the
+    // prompt it encodes and the answer at debug level, and warns at start-up.
+    let g = generator.addr.to_string();
+    let tok = tokenizer.addr.to_string();
+    let open = procs::spawn(
+        "medgemma-gateway",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tokenizer-addr",
+            &tok,
+            "--text-pool",
+            &g,
+            "--log-content",
+            "--log-format",
+            "json",
+        ],
+        &[("MEDGEMMA_LOG", "debug")],
+    );
+    rt.block_on(async {
+        let mut c = ClinicalTasksClient::connect(format!("http://{}", open.addr))
+            .await
+            .unwrap();
+        c.ask(pb::AskRequest {
+            question: format!("{CANARY}: what is angina?"),
+            system: None,
+            sampling: sampling(4),
+        })
+        .await
+        .expect("the --log-content gateway answers");
+    });
+    let logs = open.logs();
+    assert!(
+        logs.contains("--log-content is on"),
+        "no start-up warning: {logs}"
+    );
+    assert!(logs.contains(CANARY), "--log-content logged no content");
+    drop(open);
+
     // SIGTERM flushes each exporter; then every span is in.
     for p in [&mut gateway, &mut generator, &mut vision, &mut tokenizer] {
         p.terminate();
@@ -634,7 +598,6 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
         .map(|s| s.name.as_str())
         .collect();
     for want in [
-        "render",
         "encode",
         "vision.embed",
         "image_decode",
@@ -665,6 +628,28 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
     ] {
         assert!(chat.attributes.contains_key(key), "chat span lacks {key}");
     }
+    // Prefill: how much the prefix cache served, and one span per forward step it took.
+    let prefill = spans
+        .iter()
+        .find(|s| s.trace_id == id(summary_trace) && s.name == "prefill")
+        .expect("a prefill span");
+    assert!(
+        prefill
+            .attributes
+            .contains_key("medgemma.prefix_cache.tokens_reused")
+    );
+    let chunks: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.parent == prefill.span_id && s.name == "prefill.chunk")
+        .collect();
+    assert!(
+        !chunks.is_empty(),
+        "no prefill.chunk under the prefill span"
+    );
+    assert_eq!(
+        prefill.attributes["medgemma.prefill.chunks"],
+        chunks.len().to_string()
+    );
     let decode = spans
         .iter()
         .find(|s| s.trace_id == id(summary_trace) && s.name == "decode")

@@ -80,14 +80,9 @@ pub struct VisionArgs {
     /// Seconds in-flight calls may run after SIGTERM before their connections are closed.
     #[arg(long, env = "MEDGEMMA_DRAIN_TIMEOUT_S", default_value_t = 10)]
     pub drain_timeout_s: u64,
-    /// Seconds the encoder thread may hold work without progress before health reports
-    /// NOT_SERVING (a wedged worker).
-    #[arg(long, env = "MEDGEMMA_WORKER_WEDGED_AFTER_S", default_value_t = 120)]
-    pub worker_wedged_after_s: u64,
-    /// Seconds health stays NOT_SERVING for a dead or wedged encoder thread before the process
-    /// exits non-zero (70) for its orchestrator to restart it.
-    #[arg(long, env = "MEDGEMMA_WATCHDOG_GRACE_S", default_value_t = 30)]
-    pub watchdog_grace_s: u64,
+    /// The model thread's health watchdog.
+    #[command(flatten)]
+    pub watchdog: medgemma_rpc::worker::WatchdogArgs,
     /// TLS, and mTLS with --tls-client-ca (production: only the gateway's certificate).
     #[command(flatten)]
     pub tls: medgemma_rpc::tls::ServerTlsArgs,
@@ -96,11 +91,7 @@ pub struct VisionArgs {
 impl VisionArgs {
     /// The watchdog these flags describe.
     pub fn watchdog(&self) -> medgemma_rpc::worker::WatchdogOptions {
-        medgemma_rpc::worker::WatchdogOptions {
-            wedged_after: std::time::Duration::from_secs(self.worker_wedged_after_s),
-            exit_after: Some(std::time::Duration::from_secs(self.watchdog_grace_s)),
-            ..Default::default()
-        }
+        self.watchdog.options()
     }
 
     /// Checks what clap cannot.

@@ -242,6 +242,10 @@ spec:
               value: {{ $root.Values.logLevel | quote }}
             - name: MEDGEMMA_CACHE_DIR
               value: /var/cache/medgemma
+            {{- if $root.Values.metrics.enabled }}
+            - name: MEDGEMMA_METRICS_ADDR
+              value: {{ printf "0.0.0.0:%v" $root.Values.metrics.port | quote }}
+            {{- end }}
             {{- if $root.Values.otel.endpoint }}
             - name: OTEL_EXPORTER_OTLP_ENDPOINT
               value: {{ $root.Values.otel.endpoint | quote }}

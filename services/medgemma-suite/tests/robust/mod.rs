@@ -10,7 +10,10 @@ use medgemma_proto::generation::v1 as gen_pb;
 use medgemma_proto::tokenizer::v1 as tok_pb;
 use medgemma_rpc::client::ServingStatus;
 use medgemma_suite::{Suite, start_gateway};
-use medgemma_vision::hostile::{insert_before_pixel_data, nested_dicom_sequences};
+use medgemma_vision::hostile::{
+    dicom_with_dimensions, insert_before_pixel_data, j2k_codestream_claiming,
+    nested_dicom_sequences, png_header_only,
+};
 use pb::clinical_tasks_client::ClinicalTasksClient;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -45,6 +48,34 @@ fn refused<T: std::fmt::Debug>(
     assert_eq!(s.code(), code, "{what}: {s:?}");
     assert!(t.elapsed() < DEADLINE, "{what}: {:?}", t.elapsed());
     s.message().to_owned()
+}
+
+/// A real RLE-compressed DICOM and a JPEG 2000 one (pydicom's test files).
+const RLE_DICOM: &[u8] =
+    include_bytes!("../../../../libs/medgemma-vision/tests/data/SC_rgb_rle.dcm");
+const J2K_DICOM: &[u8] = include_bytes!("../../../../libs/medgemma-vision/tests/data/US1_J2KI.dcm");
+
+/// `AskRequest` with its `question` as raw bytes, to send what a string field cannot hold.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawAskRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    question: Vec<u8>,
+}
+
+/// `ClinicalTasks/Ask` with `question` as raw bytes.
+async fn raw_ask(
+    addr: std::net::SocketAddr,
+    question: Vec<u8>,
+) -> Result<pb::AskResponse, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel(addr).await);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let codec = tonic_prost::ProstCodec::<RawAskRequest, pb::AskResponse>::default();
+    let path = http::uri::PathAndQuery::from_static("/medgemma.gateway.v1.ClinicalTasks/Ask");
+    grpc.unary(req_within(RawAskRequest { question }), path, codec)
+        .await
+        .map(tonic::Response::into_inner)
 }
 
 async fn all_serving(s: &Suite) {
@@ -83,6 +114,54 @@ fn hostile_inputs_get_clear_statuses_and_the_suite_keeps_serving() {
             .await;
         let m = refused("nested DICOM", r, Code::InvalidArgument, t);
         assert!(m.contains("nesting depth"), "{m}");
+
+        // Decompression bombs: a PNG header declaring 100,000 x 100,000, an RLE DICOM and a
+        // JPEG 2000 DICOM declaring 65,535 x 65,535 in their headers, a JPEG 2000 codestream
+        // claiming 60,000 x 60,000 inside a small DICOM. Refused before any pixel buffer.
+        let bombs = [
+            ("PNG bomb", png_header_only(100_000, 100_000), "image/png"),
+            (
+                "RLE bomb",
+                dicom_with_dimensions(RLE_DICOM, 65_535, 65_535).unwrap(),
+                "application/dicom",
+            ),
+            (
+                "JPEG 2000 header bomb",
+                dicom_with_dimensions(J2K_DICOM, 65_535, 65_535).unwrap(),
+                "application/dicom",
+            ),
+            (
+                "JPEG 2000 codestream bomb",
+                j2k_codestream_claiming(J2K_DICOM, 60_000, 60_000).unwrap(),
+                "application/dicom",
+            ),
+        ];
+        for (what, data, mime) in bombs {
+            let t = Instant::now();
+            let r = gw
+                .draft_radiology_report(req_within(pb::DraftRadiologyReportRequest {
+                    image: Some(pb::Image {
+                        data,
+                        mime_type: mime.into(),
+                    }),
+                    modality: "CR".into(),
+                    body_part: "chest".into(),
+                    sampling: None,
+                }))
+                .await;
+            let m = refused(what, r, Code::InvalidArgument, t);
+            assert!(
+                m.contains("pixels") || m.contains("--max-image-pixels"),
+                "{what}: {m}"
+            );
+        }
+
+        // Invalid UTF-8 in a string field: tonic cannot decode the message; the caller sent
+        // bad input, so INVALID_ARGUMENT (not INTERNAL), naming no content.
+        let t = Instant::now();
+        let r = raw_ask(s.gateway.addr, vec![b'a', 0xFF, 0xFE, b'b']).await;
+        let m = refused("invalid UTF-8", r, Code::InvalidArgument, t);
+        assert!(m.contains("UTF-8"), "{m}");
 
         // A 1 MB question of special-token strings: over the text limit.
         let t = Instant::now();
