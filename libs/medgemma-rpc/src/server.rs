@@ -279,14 +279,7 @@ impl RpcServer {
         .prepare();
         let service = RpcLayer.layer(routes);
 
-        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        http2
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(self.options.http2_keepalive_interval))
-            .keep_alive_timeout(self.options.http2_keepalive_timeout)
-            .max_concurrent_streams(self.options.max_concurrent_streams)
-            .adaptive_window(true);
-
+        let http2 = http2_builder(&self.options);
         let Self {
             listener,
             local_addr,
@@ -295,8 +288,6 @@ impl RpcServer {
             drain_expired,
             ..
         } = self;
-        // gRPC metadata is small; hyper's default allows 16 MiB of headers per request.
-        http2.max_header_list_size(64 << 10);
         let graceful = GracefulShutdown::new();
         let connections = Arc::new(tokio::sync::Semaphore::new(options.max_connections.max(1)));
         if let Some(tls) = &options.tls {
@@ -377,6 +368,20 @@ impl RpcServer {
             }
         }
     }
+}
+
+/// The HTTP/2 settings of every connection: keep-alive, streams per connection, header size.
+fn http2_builder(options: &ServeOptions) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http2
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(options.http2_keepalive_interval))
+        .keep_alive_timeout(options.http2_keepalive_timeout)
+        .max_concurrent_streams(options.max_concurrent_streams)
+        .adaptive_window(true)
+        // gRPC metadata is small; hyper's default allows 16 MiB of headers per request.
+        .max_header_list_size(64 << 10);
+    http2
 }
 
 /// Aborts its task when dropped.
