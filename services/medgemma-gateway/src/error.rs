@@ -74,9 +74,18 @@ impl From<GatewayError> for Status {
 }
 
 /// Whether a downstream status means "try another replica": the replica is down, restarting or
-/// draining (nothing was done).
+/// draining (nothing was done). tonic reports a call whose connection went away before the
+/// request was sent (a draining replica's GOAWAY) as CANCELLED: the replica never saw it, so
+/// it is retried too. tonic's own client-side deadline also reads CANCELLED; that one is not.
+/// (The gateway's caller going away drops the call; it never returns a status here.)
 pub fn is_retryable(status: &Status) -> bool {
-    status.code() == Code::Unavailable
+    match status.code() {
+        Code::Unavailable => true,
+        Code::Cancelled => {
+            medgemma_rpc::client::deadline_status(status.clone()).code() == Code::Cancelled
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -109,5 +118,17 @@ mod tests {
         }
         .into();
         assert_eq!(medgemma_rpc::field_violations(&s)[0].field, "prompt_ids");
+    }
+
+    #[test]
+    fn unsent_calls_are_retried_but_expired_deadlines_and_failures_are_not() {
+        assert!(is_retryable(&Status::unavailable("connection refused")));
+        assert!(is_retryable(&Status::cancelled("operation was canceled")));
+        let expired = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(expired.code(), Code::Cancelled);
+        assert!(!is_retryable(&expired));
+        assert!(!is_retryable(&Status::internal("panicked")));
+        assert!(!is_retryable(&Status::unknown("stream reset")));
+        assert!(!is_retryable(&Status::invalid_argument("bad")));
     }
 }
