@@ -15,7 +15,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 
 // The format sniffing is the contract's (the gateway checks uploads with the same function).
-use medgemma_proto::{ImageFormat as SourceFormat, image_format};
+use medgemma_media::{ImageFormat as SourceFormat, image_format};
 
 use crate::error::{Result, VisionError};
 
