@@ -76,41 +76,29 @@ impl GatewayServer {
             .pool_tls
             .load(args.tls.reload_interval().map_err(config)?)
             .map_err(config)?;
-        let tokenizer = Arc::new(
-            Pool::new(
-                "tokenizer",
-                "--tokenizer-addr / MEDGEMMA_TOKENIZER_ADDR",
-                args.tokenizer_addr.clone(),
+        // Every pool with the same retry policy and TLS towards its replicas.
+        let pool = |name: &'static str, flag: &'static str, targets: &[String]| {
+            Arc::new(
+                Pool::new(name, flag, targets.to_vec())
+                    .with_retries(args.max_attempts, args.retry_budget)
+                    .with_tls(pool_tls.clone()),
             )
-            .with_retries(args.max_attempts, args.retry_budget)
-            .with_tls(pool_tls.clone()),
+        };
+        let tokenizer = pool(
+            "tokenizer",
+            "--tokenizer-addr / MEDGEMMA_TOKENIZER_ADDR",
+            &args.tokenizer_addr,
         );
-        let text = Arc::new(
-            Pool::new(
-                "text",
-                "--text-pool / MEDGEMMA_TEXT_POOL",
-                args.text_pool.clone(),
-            )
-            .with_retries(args.max_attempts, args.retry_budget)
-            .with_tls(pool_tls.clone()),
+        let text = pool("text", "--text-pool / MEDGEMMA_TEXT_POOL", &args.text_pool);
+        let multimodal = pool(
+            "multimodal",
+            "--multimodal-pool / MEDGEMMA_MULTIMODAL_POOL",
+            &args.multimodal_pool,
         );
-        let multimodal = Arc::new(
-            Pool::new(
-                "multimodal",
-                "--multimodal-pool / MEDGEMMA_MULTIMODAL_POOL",
-                args.multimodal_pool.clone(),
-            )
-            .with_retries(args.max_attempts, args.retry_budget)
-            .with_tls(pool_tls.clone()),
-        );
-        let vision = Arc::new(
-            Pool::new(
-                "vision",
-                "--vision-pool / MEDGEMMA_VISION_POOL",
-                args.vision_pool.clone(),
-            )
-            .with_retries(args.max_attempts, args.retry_budget)
-            .with_tls(pool_tls.clone()),
+        let vision = pool(
+            "vision",
+            "--vision-pool / MEDGEMMA_VISION_POOL",
+            &args.vision_pool,
         );
         let pools = vec![
             tokenizer.clone(),
