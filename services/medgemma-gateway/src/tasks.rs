@@ -433,7 +433,10 @@ impl Tasks {
                         return Err(GatewayError::Cancelled);
                     }
                 }
-                Some(gen_pb::generate_stream_response::Event::Response(r)) => return Ok(r),
+                Some(gen_pb::generate_stream_response::Event::Response(r)) => {
+                    finish_in_background(stream);
+                    return Ok(r);
+                }
                 None => {}
             }
             next = tokio::select! {
@@ -867,6 +870,17 @@ fn blame_image(e: GatewayError) -> GatewayError {
         }
         other => other,
     }
+}
+
+/// Reads a generation stream past its final response to its end, off the caller's path: the
+/// answer is already on its way, but dropping the stream before the trailers arrive resets
+/// it, and the generator would count a finished call as CANCELLED. Bounded, so a replica that
+/// never closes the stream costs a task, not a leak.
+fn finish_in_background(mut stream: tonic::Streaming<gen_pb::GenerateStreamResponse>) {
+    tokio::spawn(async move {
+        let drain = async { while let Ok(Some(_)) = stream.message().await {} };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), drain).await;
+    });
 }
 
 #[cfg(test)]

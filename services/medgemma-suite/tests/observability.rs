@@ -500,7 +500,11 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
     let generated = ok(gen_text, "medgemma-generator", "GenerateStream");
     assert!(generated >= 4.0, "the generator served {generated} streams");
     let ttft = sample(gen_text, "medgemma:time_to_first_token_seconds_count", &[]).unwrap();
-    assert_eq!(ttft, generated, "one TTFT per generation request");
+    let calls: Vec<&str> = gen_text
+        .lines()
+        .filter(|l| l.starts_with("medgemma:requests_total") || l.starts_with("medgemma:time_to_first_token_seconds_count"))
+        .collect();
+    assert_eq!(ttft, generated, "one TTFT per generation request: {calls:#?}");
     let by_task = sample(
         gen_text,
         "medgemma:requests_total",
