@@ -8,6 +8,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
+use futures_util::{StreamExt, TryStreamExt};
+
 use medgemma_proto::gateway::v1 as pb;
 use medgemma_proto::generation::v1 as gen_pb;
 use medgemma_proto::tokenizer::v1 as tok_pb;
@@ -24,6 +26,14 @@ use crate::prompt::{self, OPTION_LETTERS};
 use crate::structured::{self, Report, Summary};
 use crate::validate::{AskTask, DeidentifyTask, McqTask, ReportTask, Sampling, SummarizeTask};
 use medgemma_rpc::deadline::Deadline;
+
+/// Most conversations one `EncodeChat` carries (the request's own and its `more`; the
+/// tokenizer service accepts 1 + 512).
+const CHATS_PER_ENCODE: usize = 513;
+
+/// De-identification windows generating at once for one request: enough for the generator to
+/// batch them, few enough that one long note does not fill its queue.
+const WINDOWS_IN_FLIGHT: usize = 4;
 
 /// Where text deltas of a streaming task go.
 pub type Deltas = mpsc::Sender<String>;
@@ -260,15 +270,78 @@ impl Tasks {
         tokens_per_image: Option<u32>,
         continuations: Vec<String>,
     ) -> Result<tok_pb::EncodeChatResponse, GatewayError> {
-        let image_count = messages
-            .iter()
-            .flat_map(|m| &m.parts)
+        self.call_encode_chat(
+            ctx,
+            tok_pb::EncodeChatRequest {
+                messages,
+                add_generation_prompt: true,
+                tokens_per_image,
+                continuations,
+                more: Vec::new(),
+            },
+        )
+        .await
+    }
+
+    /// The text-only prompts of `chats`, in order: one tokenizer call (`EncodeChat` with
+    /// `more`) for up to [`CHATS_PER_ENCODE`] of them.
+    async fn encode_chats(
+        &self,
+        ctx: &CallCtx,
+        chats: Vec<Vec<tok_pb::ChatMessage>>,
+    ) -> Result<Vec<Vec<u32>>, GatewayError> {
+        let mut prompts = Vec::with_capacity(chats.len());
+        for chunk in chats.chunks(CHATS_PER_ENCODE) {
+            let Some((first, more)) = chunk.split_first() else {
+                continue;
+            };
+            let r = self
+                .call_encode_chat(
+                    ctx,
+                    tok_pb::EncodeChatRequest {
+                        messages: first.clone(),
+                        add_generation_prompt: true,
+                        more: more
+                            .iter()
+                            .map(|messages| tok_pb::Conversation {
+                                messages: messages.clone(),
+                            })
+                            .collect(),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            if r.more.len() != more.len() {
+                return Err(GatewayError::BadUpstreamResponse {
+                    pool: self.tokenizer.name(),
+                    reason: format!(
+                        "asked for {} further prompts, got {}",
+                        more.len(),
+                        r.more.len()
+                    ),
+                });
+            }
+            prompts.push(r.ids);
+            prompts.extend(r.more.into_iter().map(|p| p.ids));
+        }
+        Ok(prompts)
+    }
+
+    /// One `EncodeChat` on the tokenizer pool, bounded by the call's deadline, in an `encode`
+    /// span.
+    async fn call_encode_chat(
+        &self,
+        ctx: &CallCtx,
+        req: tok_pb::EncodeChatRequest,
+    ) -> Result<tok_pb::EncodeChatResponse, GatewayError> {
+        let conversations =
+            || std::iter::once(&req.messages).chain(req.more.iter().map(|c| &c.messages));
+        let parts = || conversations().flatten().flat_map(|m| &m.parts);
+        let image_count = parts()
             .filter(|p| matches!(p.kind, Some(tok_pb::content_part::Kind::Image(_))))
             .count();
         if medgemma_rpc::telemetry::log_content() {
-            let texts: Vec<&str> = messages
-                .iter()
-                .flat_map(|m| &m.parts)
+            let texts: Vec<&str> = parts()
                 .filter_map(|p| match &p.kind {
                     Some(tok_pb::content_part::Kind::Text(t)) => Some(t.as_str()),
                     _ => None,
@@ -278,12 +351,7 @@ impl Tasks {
             tracing::debug!(prompt = ?texts, "encoding (--log-content)");
         }
         let fut = self.tokenizer.call(|ch| {
-            let req = ctx.request(tok_pb::EncodeChatRequest {
-                messages: messages.clone(),
-                add_generation_prompt: true,
-                tokens_per_image,
-                continuations: continuations.clone(),
-            });
+            let req = ctx.request(req.clone());
             async move {
                 let mut c =
                     medgemma_rpc::with_limits!(tok_pb::tokenizer_client::TokenizerClient::new(ch));
@@ -294,7 +362,8 @@ impl Tasks {
             .instrument(tracing::info_span!(
                 "encode",
                 otel.kind = "client",
-                medgemma.image_count = image_count
+                medgemma.image_count = image_count,
+                medgemma.prompt_count = 1 + req.more.len()
             ))
             .await
     }
@@ -781,24 +850,29 @@ impl Tasks {
         let mut acc = Acc::default();
         let mut truncated = 0u32;
         if task.use_model {
+            let windows = model::windows(&text, model::WINDOW_CHARS, model::OVERLAP_CHARS);
+            let chats = windows
+                .iter()
+                .map(|w| {
+                    let prompt = model::prompt(&text[w.start..w.end], language);
+                    chat(None, vec![text_part(prompt)])
+                })
+                .collect();
+            let prompts = self.encode_chats(ctx, chats).await?;
             let schema = model::schema().to_string();
-            for w in model::windows(&text, model::WINDOW_CHARS, model::OVERLAP_CHARS) {
-                let messages = chat(
-                    None,
-                    vec![text_part(model::prompt(&text[w.start..w.end], language))],
-                );
-                let r = self
-                    .generate_text(
-                        ctx,
-                        messages,
-                        &task.sampling,
-                        Some(schema.clone()),
-                        None,
-                        "text",
-                    )
-                    .await?;
-                acc.add(&r);
-                if finish_reason(&r) == pb::FinishReason::Length {
+            // The windows go out together (a few at a time) so the generator batches them;
+            // answers come back in window order.
+            let answers: Vec<gen_pb::GenerateResponse> = futures_util::stream::iter(prompts)
+                .map(|ids| {
+                    let req = gen_request(ids, &task.sampling, Some(schema.clone()));
+                    self.generate(&self.text, ctx, req, None, "text")
+                })
+                .buffered(WINDOWS_IN_FLIGHT)
+                .try_collect()
+                .await?;
+            for (w, r) in windows.into_iter().zip(&answers) {
+                acc.add(r);
+                if finish_reason(r) == pb::FinishReason::Length {
                     truncated += 1;
                 }
                 findings.extend(model::findings(&text, w, &model::parse_answer(&r.text)));

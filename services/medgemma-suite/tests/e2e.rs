@@ -702,6 +702,7 @@ impl tok_pb::tokenizer_server::Tokenizer for RecordingTokenizer {
                 .iter()
                 .map(|c| c.ids.clone()),
         );
+        ids.extend(response.get_ref().more.iter().map(|p| p.ids.clone()));
         self.log("EncodeChat", ids);
         Ok(response)
     }
@@ -875,6 +876,32 @@ fn each_task_makes_one_tokenizer_call_and_user_text_cannot_forge_turns() {
         .await
         .expect("Deidentify");
         assert_template_markers_only("Deidentify", &tok, &one_call("Deidentify")[0], 0);
+
+        // A note longer than one model window: every window's prompt comes from the one call.
+        let long = "Seen by Dr. Alice Brown at St. Mary's on 2024-03-05; MRN 12345678. ".repeat(30);
+        c.deidentify(req(pb::DeidentifyRequest {
+            text: long.clone(),
+            language: "en".into(),
+            sampling: greedy(2),
+            ..Default::default()
+        }))
+        .await
+        .expect("Deidentify, several windows");
+        let prompts = one_call("Deidentify, several windows");
+        let windows = medgemma_deid::model::windows(
+            &long,
+            medgemma_deid::model::WINDOW_CHARS,
+            medgemma_deid::model::OVERLAP_CHARS,
+        );
+        assert!(windows.len() >= 2, "the note spans several windows");
+        assert_eq!(
+            prompts.len(),
+            windows.len(),
+            "one prompt per window, one call"
+        );
+        for p in &prompts {
+            assert_template_markers_only("Deidentify window", &tok, p, 0);
+        }
 
         gateway.stop(Duration::from_secs(5)).await.unwrap();
         let _ = stop.send(());

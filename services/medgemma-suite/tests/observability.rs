@@ -502,9 +502,15 @@ fn one_trace_across_four_processes_no_patient_data_in_telemetry_and_metrics_pars
     let ttft = sample(gen_text, "medgemma:time_to_first_token_seconds_count", &[]).unwrap();
     let calls: Vec<&str> = gen_text
         .lines()
-        .filter(|l| l.starts_with("medgemma:requests_total") || l.starts_with("medgemma:time_to_first_token_seconds_count"))
+        .filter(|l| {
+            l.starts_with("medgemma:requests_total")
+                || l.starts_with("medgemma:time_to_first_token_seconds_count")
+        })
         .collect();
-    assert_eq!(ttft, generated, "one TTFT per generation request: {calls:#?}");
+    assert_eq!(
+        ttft, generated,
+        "one TTFT per generation request: {calls:#?}"
+    );
     let by_task = sample(
         gen_text,
         "medgemma:requests_total",

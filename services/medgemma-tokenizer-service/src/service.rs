@@ -22,6 +22,9 @@ const MAX_MESSAGES: usize = 1024;
 /// Most continuations in one `EncodeChat`.
 const MAX_CONTINUATIONS: usize = 64;
 
+/// Most further conversations (`more`) in one `EncodeChat`.
+const MAX_MORE_CONVERSATIONS: usize = 512;
+
 struct Inner {
     encoder: PromptEncoder,
     tokens_per_image: usize,
@@ -49,9 +52,14 @@ impl std::fmt::Debug for TokenizerService {
 /// A tokenizer failure while serving a request: bad input for what the caller controls,
 /// INTERNAL otherwise. Never carries the text.
 fn tokenizer_status(e: TokenizerError) -> Status {
+    tokenizer_status_in(e, "")
+}
+
+/// [`tokenizer_status`] for the conversation whose fields start with `prefix` (`"more[2]."`).
+fn tokenizer_status_in(e: TokenizerError, prefix: &str) -> Status {
     match e {
         TokenizerError::ConversationRejected(reason) | TokenizerError::InvalidText(reason) => {
-            bad_request("messages", reason)
+            bad_request(format!("{prefix}messages"), reason)
         }
         TokenizerError::ImagePlaceholders(reason) => bad_request("image_count", reason),
         TokenizerError::InvalidTokenId { id: _, vocab_size } => bad_request(
@@ -180,18 +188,35 @@ impl TokenizerService {
         Ok((ids, spans))
     }
 
-    /// The prompt pipeline: render, expand, encode; the continuations as ordinary text.
+    /// The prompt pipeline: render, expand, encode (each conversation); the continuations as
+    /// ordinary text.
     fn encode_chat_blocking(
         &self,
-        messages: &[ChatMessage],
+        conversations: &[Vec<ChatMessage>],
         add_generation_prompt: bool,
         tokens_per_image: usize,
         continuations: &[String],
     ) -> Result<pb::EncodeChatResponse, Status> {
         let encoder = &self.inner.encoder;
-        let encoded = encoder
-            .encode_chat(messages, add_generation_prompt, Some(tokens_per_image))
-            .map_err(tokenizer_status)?;
+        let mut prompts = conversations.iter().enumerate().map(|(i, messages)| {
+            encoder
+                .encode_chat(messages, add_generation_prompt, Some(tokens_per_image))
+                .map_err(|e| match i {
+                    0 => tokenizer_status(e),
+                    i => tokenizer_status_in(e, &format!("more[{}].", i - 1)),
+                })
+        });
+        let encoded = prompts
+            .next()
+            .ok_or_else(|| bad_request("messages", "must not be empty"))??;
+        let more = prompts
+            .map(|p| {
+                p.map(|e| pb::EncodedPrompt {
+                    ids: e.ids,
+                    image_spans: e.image_spans.into_iter().map(span).collect(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
         let continuations = continuations
             .iter()
             .map(|text| {
@@ -206,6 +231,7 @@ impl TokenizerService {
             ids: encoded.ids,
             image_spans: encoded.image_spans.into_iter().map(span).collect(),
             continuations,
+            more,
         })
     }
 }
@@ -217,14 +243,22 @@ fn span(r: std::ops::Range<usize>) -> pb::ImageSpan {
     }
 }
 
-fn convert_messages(messages: Vec<pb::ChatMessage>) -> Result<(Vec<ChatMessage>, u32), Status> {
+/// The messages of a request, or every violation; `prefix` names where they sit (`""` for the
+/// request's own `messages`, `"more[2]."` for a further conversation).
+fn convert_messages(
+    messages: Vec<pb::ChatMessage>,
+    prefix: &str,
+) -> Result<(Vec<ChatMessage>, u32), Status> {
     let mut violations = Vec::new();
     if messages.is_empty() {
-        violations.push(FieldViolation::new("messages", "must not be empty"));
+        violations.push(FieldViolation::new(
+            format!("{prefix}messages"),
+            "must not be empty",
+        ));
     }
     if messages.len() > MAX_MESSAGES {
         violations.push(FieldViolation::new(
-            "messages",
+            format!("{prefix}messages"),
             format!("at most {MAX_MESSAGES} messages"),
         ));
     }
@@ -233,7 +267,7 @@ fn convert_messages(messages: Vec<pb::ChatMessage>) -> Result<(Vec<ChatMessage>,
     for (i, m) in messages.into_iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
             violations.push(FieldViolation::new(
-                format!("messages[{i}].role"),
+                format!("{prefix}messages[{i}].role"),
                 "must be system, user or assistant",
             ));
         }
@@ -246,7 +280,7 @@ fn convert_messages(messages: Vec<pb::ChatMessage>) -> Result<(Vec<ChatMessage>,
                     parts.push(ContentPart::Image);
                 }
                 None => violations.push(FieldViolation::new(
-                    format!("messages[{i}].parts[{j}]"),
+                    format!("{prefix}messages[{i}].parts[{j}]"),
                     "must hold text or an image",
                 )),
             }
@@ -267,7 +301,7 @@ impl TokenizerRpc for TokenizerService {
         request: Request<pb::RenderChatRequest>,
     ) -> Result<Response<pb::RenderChatResponse>, Status> {
         let req = request.into_inner();
-        let (messages, image_count) = convert_messages(req.messages)?;
+        let (messages, image_count) = convert_messages(req.messages, "")?;
         let this = self.clone();
         let text = blocking(move || {
             this.inner
@@ -285,12 +319,25 @@ impl TokenizerRpc for TokenizerService {
         request: Request<pb::EncodeChatRequest>,
     ) -> Result<Response<pb::EncodeChatResponse>, Status> {
         let req = request.into_inner();
-        let (messages, image_count) = convert_messages(req.messages)?;
+        let (messages, mut image_count) = convert_messages(req.messages, "")?;
         if req.continuations.len() > MAX_CONTINUATIONS {
             return Err(bad_request(
                 "continuations",
                 format!("at most {MAX_CONTINUATIONS} continuations"),
             ));
+        }
+        if req.more.len() > MAX_MORE_CONVERSATIONS {
+            return Err(bad_request(
+                "more",
+                format!("at most {MAX_MORE_CONVERSATIONS} further conversations"),
+            ));
+        }
+        let mut conversations = Vec::with_capacity(1 + req.more.len());
+        conversations.push(messages);
+        for (i, c) in req.more.into_iter().enumerate() {
+            let (messages, images) = convert_messages(c.messages, &format!("more[{i}]."))?;
+            image_count = image_count.saturating_add(images);
+            conversations.push(messages);
         }
         if image_count > 0 {
             self.image_layout(req.tokens_per_image)?;
@@ -300,7 +347,7 @@ impl TokenizerRpc for TokenizerService {
         let this = self.clone();
         let response = blocking(move || {
             this.encode_chat_blocking(
-                &messages,
+                &conversations,
                 req.add_generation_prompt,
                 tokens_per_image,
                 &req.continuations,
