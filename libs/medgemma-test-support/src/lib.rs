@@ -1,6 +1,6 @@
 //! Test scaffolding shared by the workspace's tests (a dev-dependency only, never in a
-//! binary): the repository's `fixtures/` paths, golden files, `max_abs_diff`, and the gating of
-//! tests that need the fetched demo assets.
+//! binary): the repository's `fixtures/` paths, golden files, `max_abs_diff`, the gating of
+//! tests that need the fetched demo assets, and (feature `server`) in-process gRPC servers.
 //!
 //! Helpers panic with the path or the reason on failure: they only ever run inside tests.
 
@@ -19,6 +19,12 @@ pub fn repo_root() -> PathBuf {
 /// `fixtures/<rel>` in the repository.
 pub fn fixture(rel: impl AsRef<Path>) -> PathBuf {
     repo_root().join("fixtures").join(rel)
+}
+
+/// The bytes of `fixtures/images/<name>`: the images and DICOM objects that tests of several
+/// crates send (made by `tools/fixtures/vision_reference.py`).
+pub fn image(name: &str) -> Vec<u8> {
+    read(fixture("images").join(name))
 }
 
 /// The bytes of `path`, or a panic naming it.
@@ -168,5 +174,103 @@ pub mod child {
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         )
+    }
+}
+
+/// In-process gRPC servers (feature `server`): a service started on a free loopback port with
+/// a channel to it, shut down gracefully when the handle is dropped.
+#[cfg(feature = "server")]
+pub mod server {
+    use std::future::Future;
+    use std::net::SocketAddr;
+    use std::pin::Pin;
+
+    use tokio::sync::oneshot;
+    use tonic::transport::Channel;
+
+    /// The shutdown future a service's `serve` takes; it completes when the [`InProcess`]
+    /// handle is stopped or dropped.
+    pub type Shutdown = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+    /// A server a test started in this process on `127.0.0.1` (a free port), with a channel to
+    /// it. Dropping the handle begins the server's graceful shutdown.
+    pub struct InProcess<R> {
+        /// What the service's `serve` returned.
+        pub running: R,
+        /// Where it listens.
+        pub addr: SocketAddr,
+        /// A connected channel to it.
+        pub channel: Channel,
+        stop: Option<oneshot::Sender<()>>,
+    }
+
+    impl<R> InProcess<R> {
+        /// Begins the server's graceful shutdown now (as dropping the handle does); `running`
+        /// stays available, to wait for the end.
+        pub fn stop(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+    }
+
+    impl<R> Drop for InProcess<R> {
+        fn drop(&mut self) {
+            self.stop();
+        }
+    }
+
+    /// Starts a server: `serve` gets the address to listen on (`127.0.0.1:0`) and the shutdown
+    /// future, and returns the running server, whose bound address `addr` reads. Panics (it
+    /// runs in tests) when the server does not start or cannot be reached.
+    pub async fn start<R, E, Fut>(
+        serve: impl FnOnce(&'static str, Shutdown) -> Fut,
+        addr: impl FnOnce(&R) -> SocketAddr,
+    ) -> InProcess<R>
+    where
+        Fut: Future<Output = Result<R, E>>,
+        E: std::fmt::Debug,
+    {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown: Shutdown = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        let running = serve("127.0.0.1:0", shutdown)
+            .await
+            .unwrap_or_else(|e| panic!("the server did not start: {e:?}"));
+        let addr = addr(&running);
+        let channel = medgemma_rpc::client::connect(&addr.to_string())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {addr}: {e:?}"));
+        InProcess {
+            running,
+            addr,
+            channel,
+            stop: Some(stop),
+        }
+    }
+
+    /// Serves `routes` on an [`medgemma_rpc::RpcServer`] (default options; health SERVING for
+    /// the whole server and for `services`): for a test's own implementation of a service, such
+    /// as a recorder in front of the real one.
+    pub async fn start_routes(
+        routes: tonic::service::Routes,
+        services: &[&str],
+    ) -> InProcess<medgemma_rpc::Running> {
+        start(
+            |listen, shutdown| async move {
+                let server = medgemma_rpc::RpcServer::bind_with(
+                    listen,
+                    services,
+                    medgemma_rpc::ServeOptions::default(),
+                )
+                .await?;
+                let running = server.spawn(routes, shutdown);
+                running.health.set_serving().await;
+                Ok::<_, medgemma_rpc::RpcError>(running)
+            },
+            |r| r.local_addr,
+        )
+        .await
     }
 }

@@ -23,9 +23,15 @@ fn images() -> Vec<(&'static str, Vec<u8>)> {
             "gradient_90x60.png",
             read(root().join("fixtures/images/gradient_90x60.png")),
         ),
-        ("tall.png", read(data.join("tall.png"))),
-        ("exif_420.jpg", read(data.join("exif_420.jpg"))),
-        ("CT_small.dcm", read(data.join("CT_small.dcm"))),
+        ("tall.png", read(root().join("fixtures/images/tall.png"))),
+        (
+            "exif_420.jpg",
+            read(root().join("fixtures/images/exif_420.jpg")),
+        ),
+        (
+            "CT_small.dcm",
+            read(root().join("fixtures/images/CT_small.dcm")),
+        ),
         ("wide.png", read(data.join("wide.png"))),
         ("MR_small.dcm", read(data.join("MR_small.dcm"))),
     ]

@@ -245,8 +245,7 @@ fn bad_images_are_clear_errors() {
     let model = fixtures().join("tiny-4b");
     let m = model.to_str().unwrap();
     let not_image = fixtures().join("tiny-4b/config.json");
-    let truncated = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../libs/medgemma-vision/tests/data/MR_truncated.dcm");
+    let truncated = fixtures().join("images/MR_truncated.dcm");
     for (path, needle) in [
         (not_image.to_str().unwrap(), "unrecognised image format"),
         (truncated.to_str().unwrap(), "DICOM"),

@@ -9,6 +9,7 @@ use medgemma_model::{Gemma3, LoadOptions};
 use medgemma_proto::generation::v1 as pb;
 use medgemma_proto::generation::v1::generator_client::GeneratorClient;
 use medgemma_rpc::client::{self, ReflectionVersion};
+use medgemma_test_support::server::{self, InProcess};
 use medgemma_tokenizer::Tokenizer;
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -31,37 +32,30 @@ fn demo() -> Option<&'static Loaded> {
 }
 
 struct Fixture {
-    running: RunningGenerator,
+    server: InProcess<RunningGenerator>,
     client: GeneratorClient<Channel>,
     channel: Channel,
-    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-async fn serve(
-    config: GeneratorConfig,
-) -> (RunningGenerator, Channel, tokio::sync::oneshot::Sender<()>) {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = medgemma_generator::serve(config, "127.0.0.1:0", async {
-        let _ = stopped.await;
-    })
+/// The generator in process, its model not loaded yet.
+async fn serve(config: GeneratorConfig) -> InProcess<RunningGenerator> {
+    server::start(
+        |listen, shutdown| medgemma_generator::serve(config, listen, shutdown),
+        |r| r.local_addr,
+    )
     .await
-    .unwrap();
-    let channel = client::connect(&running.local_addr.to_string())
-        .await
-        .unwrap();
-    (running, channel, stop)
 }
 
 async fn start(config: GeneratorConfig) -> Option<Fixture> {
     let (model, tokenizer) = demo()?.clone();
-    let (running, channel, stop) = serve(config).await;
-    running.start(model, tokenizer).await.unwrap();
+    let server = serve(config).await;
+    server.running.start(model, tokenizer).await.unwrap();
+    let channel = server.channel.clone();
     let client = medgemma_rpc::with_limits!(GeneratorClient::new(channel.clone()));
     Some(Fixture {
-        running,
+        server,
         client,
         channel,
-        _stop: stop,
     })
 }
 
@@ -117,7 +111,8 @@ async fn health_goes_serving_after_load_and_reflection_lists_the_service() {
     let Some((model, tokenizer)) = demo().cloned() else {
         return;
     };
-    let (running, channel, _stop) = serve(config()).await;
+    let server = serve(config()).await;
+    let (running, channel) = (&server.running, server.channel.clone());
     let mut client = GeneratorClient::new(channel.clone());
     assert_eq!(
         client::health_status(channel.clone(), SERVICE_NAME)
@@ -215,7 +210,7 @@ async fn unary_and_stream_agree_for_greedy_decoding() {
     assert_eq!((got[0].token_id, got[1].token_id), (runner_up, first));
     assert!((got[1].logprob - unary.logprobs[0].logprob).abs() < 1e-3);
     assert!(got[1].logprob >= got[0].logprob);
-    assert_eq!(f.running.service.stats().active_sequences, 0);
+    assert_eq!(f.server.running.service.stats().active_sequences, 0);
 }
 
 #[tokio::test]

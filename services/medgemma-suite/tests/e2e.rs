@@ -20,7 +20,9 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 /// A real DICOM (a CT slice from pydicom's test files) for the report task.
-const CT_DICOM: &[u8] = include_bytes!("../../../libs/medgemma-vision/tests/data/CT_small.dcm");
+/// A CT slice (pydicom's CT_small), from `fixtures/images`.
+static CT_DICOM: std::sync::LazyLock<Vec<u8>> =
+    std::sync::LazyLock::new(|| medgemma_test_support::image("CT_small.dcm"));
 
 /// A question the base demo model answers at length (it mostly echoes and continues), so a
 /// generation with a large budget is still running when the test cancels it.
@@ -783,26 +785,16 @@ fn each_task_makes_one_tokenizer_call_and_user_text_cannot_forge_turns() {
             inner: s.loaded().tokenizer_service.clone(),
             calls: Default::default(),
         };
-        let server = medgemma_rpc::RpcServer::bind_with(
-            "127.0.0.1:0",
-            &[medgemma_tokenizer_service::SERVICE_NAME],
-            medgemma_rpc::ServeOptions::default(),
-        )
-        .await
-        .unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = server.spawn(
+        let tokenizer = medgemma_test_support::server::start_routes(
             tonic::service::Routes::new(tok_pb::tokenizer_server::TokenizerServer::new(
                 recorder.clone(),
             )),
-            async {
-                let _ = stopped.await;
-            },
-        );
-        running.health.set_serving().await;
+            &[medgemma_tokenizer_service::SERVICE_NAME],
+        )
+        .await;
         let gateway = start_gateway(GatewayArgs::with_pools(
             "127.0.0.1:0",
-            vec![running.local_addr.to_string()],
+            vec![tokenizer.addr.to_string()],
             s.text.iter().map(|g| g.server.addr.to_string()).collect(),
             vec![s.multimodal.server.addr.to_string()],
             vec![s.vision.addr.to_string()],
@@ -904,6 +896,6 @@ fn each_task_makes_one_tokenizer_call_and_user_text_cannot_forge_turns() {
         }
 
         gateway.stop(Duration::from_secs(5)).await.unwrap();
-        let _ = stop.send(());
+        drop(tokenizer);
     });
 }

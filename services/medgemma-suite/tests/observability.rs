@@ -35,7 +35,8 @@ mod procs;
 const CANARY: &str = "ZQXCANARY7731";
 
 /// A real DICOM (CT slice, pydicom's test files), re-labelled with the canary as PatientName.
-const CT_DICOM: &[u8] = include_bytes!("../../../libs/medgemma-vision/tests/data/CT_small.dcm");
+static CT_DICOM: std::sync::LazyLock<Vec<u8>> =
+    std::sync::LazyLock::new(|| medgemma_test_support::image("CT_small.dcm"));
 
 /// One exported span, flattened.
 #[derive(Debug, Clone)]
@@ -188,7 +189,7 @@ fn dicom_with_patient_name(name: &str) -> Vec<u8> {
     let dir = std::env::temp_dir().join(format!("medgemma-obs-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (src, dst) = (dir.join("in.dcm"), dir.join("out.dcm"));
-    std::fs::write(&src, CT_DICOM).unwrap();
+    std::fs::write(&src, &*CT_DICOM).unwrap();
     let mut obj = dicom_object::open_file(&src).expect("the CT slice parses");
     obj.put(DataElement::new(
         tags::PATIENT_NAME,

@@ -7,7 +7,8 @@ use medgemma_proto::tokenizer::v1 as pb;
 use medgemma_proto::tokenizer::v1::tokenizer_client::TokenizerClient;
 use medgemma_rpc::ServeOptions;
 use medgemma_rpc::client::{self, ReflectionVersion};
-use medgemma_tokenizer_service::{SERVICE_NAME, TokenizerArgs, TokenizerService};
+use medgemma_test_support::server::{self, InProcess};
+use medgemma_tokenizer_service::{RunningTokenizer, SERVICE_NAME, TokenizerArgs, TokenizerService};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -33,27 +34,23 @@ fn service() -> Option<TokenizerService> {
         .clone()
 }
 
+/// The service in process, a client, a channel, and the server's handle (dropping it stops
+/// the server).
 async fn start() -> Option<(
     TokenizerClient<Channel>,
     Channel,
-    tokio::sync::oneshot::Sender<()>,
+    InProcess<RunningTokenizer>,
 )> {
     let service = service()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = medgemma_tokenizer_service::serve(
-        service,
-        "127.0.0.1:0",
-        async {
-            let _ = stopped.await;
+    let server = server::start(
+        |listen, shutdown| {
+            medgemma_tokenizer_service::serve(service, listen, shutdown, ServeOptions::default())
         },
-        ServeOptions::default(),
+        |r| r.local_addr,
     )
-    .await
-    .unwrap();
-    let channel = client::connect(&running.local_addr.to_string())
-        .await
-        .unwrap();
-    Some((TokenizerClient::new(channel.clone()), channel, stop))
+    .await;
+    let channel = server.channel.clone();
+    Some((TokenizerClient::new(channel.clone()), channel, server))
 }
 
 fn text(t: &str) -> pb::ContentPart {

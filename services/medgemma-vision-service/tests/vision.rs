@@ -28,15 +28,9 @@ fn read(rel: &str) -> Vec<u8> {
 fn images() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("gradient.png", read("fixtures/images/gradient_90x60.png")),
-        ("tall.png", read("libs/medgemma-vision/tests/data/tall.png")),
-        (
-            "exif_420.jpg",
-            read("libs/medgemma-vision/tests/data/exif_420.jpg"),
-        ),
-        (
-            "CT_small.dcm",
-            read("libs/medgemma-vision/tests/data/CT_small.dcm"),
-        ),
+        ("tall.png", read("fixtures/images/tall.png")),
+        ("exif_420.jpg", read("fixtures/images/exif_420.jpg")),
+        ("CT_small.dcm", read("fixtures/images/CT_small.dcm")),
     ]
 }
 
@@ -79,12 +73,12 @@ fn values(e: &pb::Embedding) -> Vec<f32> {
 }
 
 use medgemma_test_support::max_abs_diff_f32 as max_abs_diff;
+use medgemma_test_support::server::{self, InProcess};
 
 struct Fixture {
     service: VisionService,
     client: VisionEncoderClient<Channel>,
-    _running: RunningVision,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _server: InProcess<RunningVision>,
 }
 
 fn settings(max_batch_images: usize, cache_bytes: usize, queue_capacity: usize) -> VisionSettings {
@@ -98,25 +92,22 @@ fn settings(max_batch_images: usize, cache_bytes: usize, queue_capacity: usize) 
 
 async fn start(settings: VisionSettings) -> Fixture {
     let service = VisionService::new(encoder(), settings).unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = medgemma_vision_service::serve(
-        service.clone(),
-        "127.0.0.1:0",
-        async {
-            let _ = stopped.await;
+    let server = server::start(
+        |listen, shutdown| {
+            medgemma_vision_service::serve(
+                service.clone(),
+                listen,
+                shutdown,
+                ServeOptions::default(),
+            )
         },
-        ServeOptions::default(),
+        |r| r.local_addr,
     )
-    .await
-    .unwrap();
-    let channel = medgemma_rpc::client::connect(&running.local_addr.to_string())
-        .await
-        .unwrap();
+    .await;
     Fixture {
         service,
-        client: medgemma_rpc::with_limits!(VisionEncoderClient::new(channel)),
-        _running: running,
-        _stop: stop,
+        client: medgemma_rpc::with_limits!(VisionEncoderClient::new(server.channel.clone())),
+        _server: server,
     }
 }
 

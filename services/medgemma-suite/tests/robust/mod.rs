@@ -2,6 +2,7 @@
 //! deadline and leave every service SERVING and answering; a stalled stream reader is cut and
 //! its generation freed. (A module of the e2e test binary: it shares its suite.)
 
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use medgemma_gateway::GatewayArgs;
@@ -51,9 +52,10 @@ fn refused<T: std::fmt::Debug>(
 }
 
 /// A real RLE-compressed DICOM and a JPEG 2000 one (pydicom's test files).
-const RLE_DICOM: &[u8] =
-    include_bytes!("../../../../libs/medgemma-vision/tests/data/SC_rgb_rle.dcm");
-const J2K_DICOM: &[u8] = include_bytes!("../../../../libs/medgemma-vision/tests/data/US1_J2KI.dcm");
+static RLE_DICOM: LazyLock<Vec<u8>> =
+    LazyLock::new(|| medgemma_test_support::image("SC_rgb_rle.dcm"));
+static J2K_DICOM: LazyLock<Vec<u8>> =
+    LazyLock::new(|| medgemma_test_support::image("US1_J2KI.dcm"));
 
 /// `AskRequest` with its `question` as raw bytes, to send what a string field cannot hold.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -103,7 +105,7 @@ fn hostile_inputs_get_clear_statuses_and_the_suite_keeps_serving() {
         let r = gw
             .draft_radiology_report(req_within(pb::DraftRadiologyReportRequest {
                 image: Some(pb::Image {
-                    data: insert_before_pixel_data(CT_DICOM, &nested_dicom_sequences(10_000))
+                    data: insert_before_pixel_data(&CT_DICOM, &nested_dicom_sequences(10_000))
                         .unwrap(),
                     mime_type: "application/dicom".into(),
                 }),
@@ -122,17 +124,17 @@ fn hostile_inputs_get_clear_statuses_and_the_suite_keeps_serving() {
             ("PNG bomb", png_header_only(100_000, 100_000), "image/png"),
             (
                 "RLE bomb",
-                dicom_with_dimensions(RLE_DICOM, 65_535, 65_535).unwrap(),
+                dicom_with_dimensions(&RLE_DICOM, 65_535, 65_535).unwrap(),
                 "application/dicom",
             ),
             (
                 "JPEG 2000 header bomb",
-                dicom_with_dimensions(J2K_DICOM, 65_535, 65_535).unwrap(),
+                dicom_with_dimensions(&J2K_DICOM, 65_535, 65_535).unwrap(),
                 "application/dicom",
             ),
             (
                 "JPEG 2000 codestream bomb",
-                j2k_codestream_claiming(J2K_DICOM, 60_000, 60_000).unwrap(),
+                j2k_codestream_claiming(&J2K_DICOM, 60_000, 60_000).unwrap(),
                 "application/dicom",
             ),
         ];
