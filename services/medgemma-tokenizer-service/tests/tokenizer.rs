@@ -480,37 +480,26 @@ async fn encode_chat_encodes_further_conversations_as_it_encodes_the_first() {
     );
 
     // A bad further conversation is named by its place; too many are refused before any work.
-    let err = tok
-        .encode_chat(pb::EncodeChatRequest {
-            messages: chats[0].clone(),
+    let conversation = |messages: Vec<pb::ChatMessage>| pb::Conversation { messages };
+    let first = chats[0].clone();
+    let mut refused = async |more: Vec<pb::Conversation>| {
+        let request = pb::EncodeChatRequest {
+            messages: first.clone(),
             add_generation_prompt: true,
-            more: vec![
-                pb::Conversation {
-                    messages: chats[0].clone(),
-                },
-                pb::Conversation {
-                    messages: vec![message("robot", vec![text("x")])],
-                },
-            ],
+            more,
             ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(fields(&err), ["more[1].messages[0].role"]);
-    let err = tok
-        .encode_chat(pb::EncodeChatRequest {
-            messages: chats[0].clone(),
-            add_generation_prompt: true,
-            more: vec![
-                pb::Conversation {
-                    messages: chats[0].clone()
-                };
-                513
-            ],
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(fields(&err), ["more"]);
+        };
+        let err = tok.encode_chat(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        fields(&err)
+    };
+    let robot = vec![message("robot", vec![text("x")])];
+    assert_eq!(
+        refused(vec![conversation(chats[0].clone()), conversation(robot)]).await,
+        ["more[1].messages[0].role"]
+    );
+    assert_eq!(
+        refused(vec![conversation(chats[0].clone()); 513]).await,
+        ["more"]
+    );
 }
