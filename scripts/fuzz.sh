@@ -3,7 +3,10 @@
 # committed seeds in fuzz/corpus/<target>. cargo-fuzz comes from crates.io, pinned, installed
 # once into the cache outside the clone; it needs nightly flags, which RUSTC_BOOTSTRAP=1 allows
 # on the pinned stable toolchain. A crash leaves its input in fuzz/artifacts/<target>/: make it
-# a regression test, then fix.
+# a regression seed in fuzz/corpus/<target>/ (the ordinary tests replay every seed), then fix.
+# MEDGEMMA_FUZZ_SANITIZER (default address) picks cargo-fuzz's sanitizer; `none` builds and runs
+# faster (scripts/test.sh uses it for its bounded run). One instrumented build serves every
+# target; it lives outside the clone (MEDGEMMA_FUZZ_TARGET_DIR).
 #   scripts/fuzz.sh            # 5 minutes per target
 #   scripts/fuzz.sh 60 dicom   # one target, 60 s
 set -euo pipefail
@@ -17,9 +20,14 @@ if [ ! -x "$root/bin/cargo-fuzz" ]; then
 fi
 export PATH="$root/bin:$PATH" RUSTC_BOOTSTRAP=1
 export CARGO_TARGET_DIR="${MEDGEMMA_FUZZ_TARGET_DIR:-$HOME/.cache/medgemma-serve/fuzz-target}"
+sanitizer="${MEDGEMMA_FUZZ_SANITIZER:-address}"
+# The fuzz workspace's lock file must match its manifest (as --locked does for the main one).
+cargo metadata -q --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then
   mapfile -t targets < <(cargo fuzz list --fuzz-dir fuzz)
+  # Every target in one cargo build (`cargo fuzz run` below then finds them built).
+  cargo fuzz build --fuzz-dir fuzz -s "$sanitizer"
 fi
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t"
@@ -27,7 +35,7 @@ for t in "${targets[@]}"; do
   work=$(mktemp -d)
   cp -r "fuzz/corpus/$t/." "$work/"
   echo "fuzz: $t for ${seconds}s"
-  cargo fuzz run --fuzz-dir fuzz "$t" "$work" -- \
+  cargo fuzz run --fuzz-dir fuzz -s "$sanitizer" "$t" "$work" -- \
     -max_total_time="$seconds" -max_len=65536 -rss_limit_mb=2048 -timeout=10 -print_final_stats=1
   rm -rf "$work"
 done

@@ -53,6 +53,10 @@ cargo test --locked --workspace
 # The vision tower again without our SIMD kernels (no fused attention, portable softmax/GELU):
 # the path CPUs without AVX-512 take, pinned to the same transformers goldens.
 MEDGEMMA_CPU_SIMD=0 cargo test --locked -p medgemma-vision --test tower
+# libFuzzer, 30 s per target from the committed seeds (fuzz/: its own workspace, built once with
+# coverage instrumentation outside the clone: ~5.5 min cold, seconds warm; scripts/fuzz.sh runs
+# longer and with AddressSanitizer).
+MEDGEMMA_FUZZ_SANITIZER=none bash scripts/fuzz.sh 30
 bash scripts/deid-eval.sh
 # Black box: `medgemma up` driven from Python grpcio (health, reflection, the four tasks, bad
 # requests, SIGTERM).

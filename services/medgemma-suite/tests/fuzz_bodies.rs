@@ -2,10 +2,10 @@
 //! `scripts/fuzz.sh`) run here, in the ordinary test build, over their committed seeds
 //! (`fuzz/corpus/<target>/`) and then over seeded random mutations of them (bit flips, byte
 //! insertions and deletions, truncations, splices, repeated runs, interesting values) for
-//! `MEDGEMMA_FUZZ_SECS` seconds per target (default 8). No coverage guidance: a bounded,
-//! deterministic stand-in for the libFuzzer runs that CI's time budget has no room for (they
-//! need a second, instrumented build of every dependency). A body that panics fails the test,
-//! and the input is written to `fuzz/artifacts/<target>/` to become a regression seed.
+//! `MEDGEMMA_FUZZ_SECS` seconds per target (default 8). No coverage guidance: quick and
+//! deterministic, in the ordinary test build; `scripts/test.sh` then runs the libFuzzer drivers
+//! of the same bodies for 30 s each. A body that panics fails the test, and the input is written
+//! to `fuzz/artifacts/<target>/` to become a regression seed.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
