@@ -751,53 +751,62 @@ impl KvCache {
         Ok((k, v, first))
     }
 
-    /// Runs `f` over the cached f32 rows of layer `layer` of `seq` before position `end`, block
-    /// by block, read in place (no copy): the fast path of CPU decode attention. `None` unless
-    /// the cache holds f32 on the CPU.
+    /// Runs `f` over the cached f32 rows of layer `layer` of each `(sequence, end)` in `seqs`
+    /// (the rows before position `end`), block by block, read in place (no copy): the fast
+    /// path of CPU decode attention, one call for every decoding sequence of a step. `None`
+    /// unless the cache holds f32 on the CPU.
     pub fn with_cpu_rows<R>(
         &self,
-        seq: &SequenceKv,
+        seqs: &[(&SequenceKv, usize)],
         layer: usize,
-        end: usize,
-        f: impl FnOnce(&CpuRows<'_>) -> R,
+        f: impl FnOnce(&[CpuRows<'_>]) -> R,
     ) -> Result<Option<R>> {
         if self.dtype != DType::F32 || !self.device.is_cpu() || self.pool.is_some() {
             return Ok(None);
         }
         let (s, li) = self.layer_slot[layer];
-        let table = &seq.tables[s];
-        let Some(first) = table.front().map(|b| b.start) else {
-            return Ok(None);
-        };
         let bs = self.cfg.block_size;
-        let guards: Vec<_> = table
-            .iter()
-            .take((end - first).div_ceil(bs))
-            .map(|b| {
-                let (k, v) = &self.stores[s].blocks[b.id][li];
-                let (gk, lk) = k.storage_and_layout();
-                let (gv, lv) = v.storage_and_layout();
-                (gk, lk.start_offset(), gv, lv.start_offset())
-            })
-            .collect();
-        let mut blocks = Vec::with_capacity(guards.len());
-        for (i, (gk, ok, gv, ov)) in guards.iter().enumerate() {
-            let (candle_core::Storage::Cpu(ck), candle_core::Storage::Cpu(cv)) = (&**gk, &**gv)
-            else {
+        // The storage read guards of every block, held while `f` runs.
+        let mut guards = Vec::with_capacity(seqs.len());
+        for &(seq, end) in seqs {
+            let table = &seq.tables[s];
+            let Some(first) = table.front().map(|b| b.start) else {
                 return Ok(None);
             };
-            let rows = bs.min(end - (first + i * bs));
-            blocks.push((
-                &ck.as_slice::<f32>()?[*ok..],
-                &cv.as_slice::<f32>()?[*ov..],
-                rows,
-            ));
+            let held: Vec<_> = table
+                .iter()
+                .take((end - first).div_ceil(bs))
+                .map(|b| {
+                    let (k, v) = &self.stores[s].blocks[b.id][li];
+                    let (gk, lk) = k.storage_and_layout();
+                    let (gv, lv) = v.storage_and_layout();
+                    (gk, lk.start_offset(), gv, lv.start_offset())
+                })
+                .collect();
+            guards.push((first, end, held));
         }
-        Ok(Some(f(&CpuRows {
-            blocks,
-            block_size: bs,
-            head_dim: self.head_dim,
-        })))
+        let mut all = Vec::with_capacity(guards.len());
+        for (first, end, held) in &guards {
+            let mut blocks = Vec::with_capacity(held.len());
+            for (i, (gk, ok, gv, ov)) in held.iter().enumerate() {
+                let (candle_core::Storage::Cpu(ck), candle_core::Storage::Cpu(cv)) = (&**gk, &**gv)
+                else {
+                    return Ok(None);
+                };
+                let rows = bs.min(end - (first + i * bs));
+                blocks.push((
+                    &ck.as_slice::<f32>()?[*ok..],
+                    &cv.as_slice::<f32>()?[*ov..],
+                    rows,
+                ));
+            }
+            all.push(CpuRows {
+                blocks,
+                block_size: bs,
+                head_dim: self.head_dim,
+            });
+        }
+        Ok(Some(f(&all)))
     }
 
     /// Marks the positions of `tokens` (written by the forward call) as cached, keys the blocks

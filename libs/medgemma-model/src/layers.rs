@@ -79,7 +79,8 @@ pub(crate) struct Mlp {
 impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gu = self.gate_up.forward(x)?;
-        self.down.forward(&(gu[0].gelu()? * &gu[1])?)
+        self.down
+            .forward(&crate::cpu_ops::gelu_mul(&gu[0], &gu[1])?)
     }
 }
 
@@ -128,33 +129,50 @@ impl Attention {
         if let Some(pb) = &ctx.paged[kind_index(self.kind)] {
             return self.forward_paged(li, &q, &k, &v, pb, kv);
         }
-        let mut outs = Vec::with_capacity(batch.len());
         for (rows, item) in ctx.rows.iter().zip(batch) {
-            if rows.n == 0 {
-                continue;
+            if rows.n > 0 {
+                let (o, n) = (rows.offset, rows.n);
+                kv.write(item.kv, li, &k.narrow(1, o, n)?, &v.narrow(1, o, n)?)?;
             }
-            let (o, n) = (rows.offset, rows.n);
-            kv.write(item.kv, li, &k.narrow(1, o, n)?, &v.narrow(1, o, n)?)?;
-            let masks = &rows.masks[kind_index(self.kind)];
-            let qs = q.narrow(1, o, n)?;
-            if n == 1
-                && let Some(out) = self.decode_in_place(&qs, kv, item, li, rows.start + 1, masks)?
-            {
-                outs.push(out);
-                continue;
-            }
-            let (kk, vv, _first) = kv.gather(item.kv, li, rows.start + n)?;
-            outs.push(self.attend(&qs, &kk, &vv, masks)?);
         }
-        let attn = if outs.len() == 1 {
-            outs.pop().expect("one output")
-        } else {
-            Tensor::cat(&outs, 1)?
+        let width = nh * hd;
+        let decoded = self.decode_in_place(&q, kv, ctx, batch, li)?;
+        let attn = match decoded {
+            // Every row decodes: the kernel's rows are the packed rows.
+            Some(d) if ctx.rows.iter().all(|r| r.n <= 1) => {
+                Tensor::from_vec(d, (total, width), q.device())?
+            }
+            decoded => {
+                let mut parts = Vec::with_capacity(batch.len());
+                let mut next = 0;
+                for (rows, item) in ctx.rows.iter().zip(batch) {
+                    let (o, n) = (rows.offset, rows.n);
+                    if n == 0 {
+                        continue;
+                    }
+                    if n == 1
+                        && let Some(d) = &decoded
+                    {
+                        parts.push(Tensor::from_slice(
+                            &d[next * width..(next + 1) * width],
+                            (1, width),
+                            q.device(),
+                        )?);
+                        next += 1;
+                        continue;
+                    }
+                    let masks = &rows.masks[kind_index(self.kind)];
+                    let (kk, vv, _first) = kv.gather(item.kv, li, rows.start + n)?;
+                    let out = self.attend(&q.narrow(1, o, n)?, &kk, &vv, masks)?;
+                    parts.push(out.transpose(0, 1)?.contiguous()?.reshape((n, width))?);
+                }
+                if parts.len() == 1 {
+                    parts.pop().expect("one part")
+                } else {
+                    Tensor::cat(&parts, 0)?
+                }
+            }
         };
-        let attn = attn
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((total, nh * hd))?;
         Ok(self.o.forward(&attn)?)
     }
 
@@ -186,70 +204,48 @@ impl Attention {
             .forward(&out.reshape((pb.total, self.heads * self.head_dim))?)?)
     }
 
-    /// One decode row (`q`: `[heads, 1, head_dim]`) against the sequence's cached rows read in
-    /// place from the KV blocks, in f32 on the CPU: no gather copy and no per-sequence tensor
-    /// ops, which dominate a decode step over many short sequences. `None` where the cache is
-    /// not f32 on the CPU (the tensor path then runs).
+    /// The attention of every decoding sequence (one new row) of the batch, `q` `[heads, total,
+    /// head_dim]`: `[decoding sequences, heads * head_dim]` in batch order, from the cached rows
+    /// read in place on the CPU in f32 (`cpu_attention`). `None` where the cache is not f32 on
+    /// the CPU (the tensor path then runs) or nothing decodes.
     fn decode_in_place(
         &self,
         q: &Tensor,
         kv: &KvCache,
-        item: &SeqInput<'_>,
+        ctx: &Batch,
+        batch: &[SeqInput<'_>],
         li: usize,
-        end: usize,
-        masks: &MaskBlocks,
-    ) -> Result<Option<Tensor>> {
-        if q.dtype() != DType::F32 || !q.device().is_cpu() {
+    ) -> Result<Option<Vec<f32>>> {
+        let decoding: Vec<usize> = (0..batch.len()).filter(|&i| ctx.rows[i].n == 1).collect();
+        if decoding.is_empty() || q.dtype() != DType::F32 || !q.device().is_cpu() {
             return Ok(None);
         }
-        let (nh, hd) = (self.heads, self.head_dim);
-        let group = nh / self.kv_heads;
-        let qv: Vec<f32> = q.flatten_all()?.to_vec1()?;
-        let mask: Option<Vec<f32>> = match masks.blocks.first() {
-            Some(Some(m)) => Some(m.flatten_all()?.to_vec1()?),
-            _ => None,
-        };
-        let scale = self.scale as f32;
-        let out = kv.with_cpu_rows(item.kv, li, end, |rows| {
-            let l: usize = rows.blocks.iter().map(|b| b.2).sum();
-            let mut out = vec![0f32; nh * hd];
-            let mut p = vec![0f32; l];
+        let (nh, hd, total) = (self.heads, self.head_dim, ctx.total);
+        let all: Vec<f32> = q.flatten_all()?.to_vec1()?;
+        // `[heads, total, head_dim]` -> the decoding rows as `[seqs, heads, head_dim]`.
+        let mut qs = Vec::with_capacity(decoding.len() * nh * hd);
+        let mut masks = Vec::with_capacity(decoding.len());
+        let mut seqs = Vec::with_capacity(decoding.len());
+        for &i in &decoding {
+            let r = &ctx.rows[i];
             for h in 0..nh {
-                let g = h / group;
-                let qh = &qv[h * hd..(h + 1) * hd];
-                let mut j = 0;
-                for b in 0..rows.blocks.len() {
-                    for r in 0..rows.blocks[b].2 {
-                        let (k, _) = rows.row(b, g, r);
-                        let dot: f32 = qh.iter().zip(k).map(|(a, b)| a * b).sum();
-                        p[j] = dot * scale + mask.as_ref().map_or(0.0, |m| m[j]);
-                        j += 1;
-                    }
-                }
-                let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for x in p.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let oh = &mut out[h * hd..(h + 1) * hd];
-                let mut j = 0;
-                for b in 0..rows.blocks.len() {
-                    for r in 0..rows.blocks[b].2 {
-                        let (_, v) = rows.row(b, g, r);
-                        let w = p[j] / sum;
-                        for (o, x) in oh.iter_mut().zip(v) {
-                            *o += w * x;
-                        }
-                        j += 1;
-                    }
-                }
+                qs.extend_from_slice(&all[(h * total + r.offset) * hd..][..hd]);
             }
-            out
-        })?;
-        out.map(|o| Tensor::from_vec(o, (nh, 1, hd), q.device()))
-            .transpose()
-            .map_err(Into::into)
+            masks.push(match r.masks[kind_index(self.kind)].blocks.first() {
+                Some(Some(m)) => Some(m.flatten_all()?.to_vec1::<f32>()?),
+                _ => None,
+            });
+            seqs.push((&*batch[i].kv, r.start + 1));
+        }
+        let dims = crate::cpu_attention::DecodeDims {
+            heads: nh,
+            kv_heads: self.kv_heads,
+            head_dim: hd,
+            scale: self.scale as f32,
+        };
+        kv.with_cpu_rows(&seqs, li, |rows| {
+            crate::cpu_attention::decode_attention(&qs, rows, &masks, dims)
+        })
     }
 
     /// One sequence's rows `q` (`[heads, n, head_dim]`) against its keys and values

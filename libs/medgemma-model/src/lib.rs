@@ -10,8 +10,10 @@
 //! This crate knows nothing of tokenizers, sampling or gRPC.
 
 mod config;
+mod cpu_attention;
 mod cpu_gemv;
 mod cpu_layout;
+pub mod cpu_ops;
 pub mod device;
 mod error;
 mod kv_cache;

@@ -28,7 +28,7 @@
 
 use rayon::prelude::*;
 
-use crate::cpu_ops::{EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO, LOG2E, exp_approx};
+use medgemma_model::cpu_ops::{EXP_HI, EXP_LO, EXP_POLY, LN2_HI, LN2_LO, LOG2E, exp_approx};
 
 /// f32 lanes per vector.
 const W: usize = 16;
@@ -517,7 +517,7 @@ impl candle_core::CustomOp1 for FusedAttention {
         if cols != 3 * hidden {
             candle_core::bail!("fused attention: qkv of {cols} columns for {hidden} hidden")
         }
-        let qkv = crate::cpu_ops::f32_slice(s, l, "fused attention")?;
+        let qkv = medgemma_model::cpu_ops::f32_slice(s, l, "fused attention")?;
         let mut out = vec![0f32; n * hidden];
         attention(qkv, n, self.heads, self.hd, self.scale, &mut out, false);
         Ok((candle_core::CpuStorage::F32(out), (n, hidden).into()))

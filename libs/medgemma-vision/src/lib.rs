@@ -17,7 +17,6 @@
 //! format, the attribute or the limit.
 
 mod attention;
-mod cpu_ops;
 pub mod decode;
 pub mod dicom;
 mod dicom_walk;

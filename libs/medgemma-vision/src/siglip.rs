@@ -12,8 +12,9 @@
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+use crate::attention;
 use crate::error::{Result, VisionError};
-use crate::{attention, cpu_ops};
+use medgemma_model::cpu_ops;
 
 /// `vision_config` of a Gemma 3 checkpoint (SigLIP), with transformers' defaults.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,11 +1,14 @@
-//! CPU f32 kernels for the vision tower, where candle's generic ones cost the most: softmax
-//! over 4096-wide score rows and the tanh GELU over the MLP's activations (candle calls
-//! scalar `expf`/`tanhf`, and its unary maps run on one thread), plus bias and residual adds.
+//! CPU f32 kernels where candle's generic ones cost the most: softmax over the vision tower's
+//! 4096-wide score rows, the tanh GELU of both MLPs (candle calls scalar `expf`/`tanhf`, and
+//! its unary maps run on one thread: at 16 decoding sequences the text MLP's GELU was a tenth
+//! of a step), bias and residual adds.
 //!
-//! Each runs rows in parallel (rayon) with a polynomial `exp` (Cephes' `expf`, within 2 ulp)
-//! written so the compiler vectorises it; on x86-64 the same code is compiled again for
-//! AVX-512 and AVX2 and picked at run time. Only contiguous f32 CPU tensors take these paths;
-//! everything else (bf16, CUDA) uses candle's own ops.
+//! Each uses a polynomial `exp` (Cephes' `expf`, within 2 ulp) written so the compiler
+//! vectorises it; on x86-64 the same code is compiled again for AVX-512 and AVX2 and picked at
+//! run time (`dispatch!`, which the decode attention uses too). The vision tower's ops run
+//! rows on rayon; the text model's on candle's CPU worker pool (`pool_chunks_mut`), the
+//! threads every other candle kernel of that model runs on. Only f32 CPU tensors take these
+//! paths; everything else (bf16, CUDA) uses candle's own ops.
 
 use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, Layout, Tensor};
 use rayon::prelude::*;
@@ -15,10 +18,10 @@ const LANES: usize = 16;
 // Cephes' expf: e^x = 2^n e^r with |r| <= ln2/2, ln2 split in two for an exact `n ln2`, and
 // e^r = 1 + r + r^2 P(r), P of degree 5 (highest coefficient first). The fused attention's
 // AVX-512 exp uses the same constants.
-pub(crate) const LOG2E: f32 = std::f32::consts::LOG2_E;
-pub(crate) const LN2_HI: f32 = 0.693_359_4;
-pub(crate) const LN2_LO: f32 = -2.121_944_4e-4;
-pub(crate) const EXP_POLY: [f32; 6] = [
+pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+pub const LN2_HI: f32 = 0.693_359_4;
+pub const LN2_LO: f32 = -2.121_944_4e-4;
+pub const EXP_POLY: [f32; 6] = [
     1.987_569_2e-4,
     1.398_199_9e-3,
     8.333_452e-3,
@@ -27,12 +30,12 @@ pub(crate) const EXP_POLY: [f32; 6] = [
     0.5,
 ];
 /// The range `exp_approx` clamps its argument to.
-pub(crate) const EXP_LO: f32 = -87.0;
-pub(crate) const EXP_HI: f32 = 88.0;
+pub const EXP_LO: f32 = -87.0;
+pub const EXP_HI: f32 = 88.0;
 
 /// `e^x` for `x` in roughly [-87, 88] (clamped there), Cephes' polynomial.
 #[inline(always)]
-pub(crate) fn exp_approx(x: f32) -> f32 {
+pub fn exp_approx(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     let x = x.clamp(EXP_LO, EXP_HI);
     let t = x * LOG2E + ROUND;
@@ -109,6 +112,13 @@ fn bias_act_row_generic(row: &mut [f32], bias: &[f32], gelu: bool) {
 }
 
 #[inline(always)]
+fn gelu_mul_row_generic(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = gelu_tanh(g) * u;
+    }
+}
+
+#[inline(always)]
 fn add_generic(dst: &mut [f32], b: &[f32]) {
     for (d, &y) in dst.iter_mut().zip(b) {
         *d += y;
@@ -116,13 +126,14 @@ fn add_generic(dst: &mut [f32], b: &[f32]) {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     Avx512,
     Avx2,
     Generic,
 }
 
-fn isa() -> Isa {
+/// The widest of our SIMD builds this CPU runs (`MEDGEMMA_CPU_SIMD=0`: the portable one).
+pub(crate) fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
@@ -142,20 +153,21 @@ fn isa() -> Isa {
     Isa::Generic
 }
 
-/// `fn $name(args)`: runs `$generic(args)` compiled for AVX-512 or AVX2 when the CPU has it
-/// (`isa()`), else the portable build of the same code.
+/// `fn $name(args) -> ret`: runs `$generic(args)` compiled for AVX-512 or AVX2 when the CPU
+/// has it (`isa()`), else the portable build of the same code.
 macro_rules! dispatch {
-    ($name:ident => $generic:ident ($($arg:ident: $ty:ty),*)) => {
+    ($vis:vis $name:ident => $generic:ident ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
         #[allow(unsafe_code)]
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
+                use $crate::cpu_ops::{Isa, isa};
                 #[target_feature(enable = "avx512f,fma")]
-                fn avx512($($arg: $ty),*) {
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
                     $generic($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) {
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $generic($($arg),*)
                 }
                 match isa() {
@@ -170,16 +182,34 @@ macro_rules! dispatch {
         }
     };
 }
+pub(crate) use dispatch;
 
 dispatch!(softmax_row => softmax_row_generic(row: &mut [f32], scale: f32));
 dispatch!(bias_act_row => bias_act_row_generic(row: &mut [f32], bias: &[f32], gelu: bool));
 dispatch!(add_slice => add_generic(dst: &mut [f32], b: &[f32]));
+dispatch!(gelu_mul_row => gelu_mul_row_generic(out: &mut [f32], gate: &[f32], up: &[f32]));
 
-pub(crate) fn f32_slice<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
+/// `f(i, chunk)` for the `chunk`-long pieces of `data` (the last may be shorter), spread over
+/// candle's CPU worker pool (the caller's thread included).
+pub(crate) fn pool_chunks_mut<T: Send>(
+    data: &mut [T],
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) {
+    let parts: Vec<std::sync::Mutex<&mut [T]>> = data
+        .chunks_mut(chunk.max(1))
+        .map(std::sync::Mutex::new)
+        .collect();
+    // Each piece is locked by the one task that owns its index: never contended.
+    candle_core::utils::barrier_pool().execute_chunked(parts.len(), |range| {
+        for i in range {
+            let mut part = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+            f(i, &mut part);
+        }
+    });
+}
+
+pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{what}: f32 only")
     };
@@ -288,6 +318,75 @@ impl InplaceOp2 for Add {
                 .for_each(|(d, y)| add_slice(d, y));
         }
         Ok(())
+    }
+}
+
+/// `gelu_tanh(gate) * up` into a new `[rows, cols]` f32 tensor, reading `gate` and `up` where
+/// they lie (each may be a column slice of a wider matrix: the fused gate/up projection's
+/// halves).
+struct GeluMul;
+
+/// `(data, first element, row stride, rows, cols)` of a 2-D f32 view whose rows are
+/// contiguous.
+fn rows_view<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<(&'a [f32], usize, usize, usize, usize)> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("gelu_mul: f32 only")
+    };
+    match (l.dims(), l.stride()) {
+        (&[rows, cols], &[rs, 1]) if rows <= 1 || rs >= cols => {
+            Ok((v, l.start_offset(), rs, rows, cols))
+        }
+        _ => candle_core::bail!("gelu_mul: 2-D rows with unit column stride only"),
+    }
+}
+
+impl candle_core::CustomOp2 for GeluMul {
+    fn name(&self) -> &'static str {
+        "medgemma-gelu-mul"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let (g, go, gs, rows, cols) = rows_view(s1, l1)?;
+        let (u, uo, us, urows, ucols) = rows_view(s2, l2)?;
+        if (rows, cols) != (urows, ucols) {
+            candle_core::bail!("gelu_mul of {:?} and {:?}", l1.dims(), l2.dims())
+        }
+        let mut out = vec![0f32; rows * cols];
+        if let Some(per) = 16_384usize.checked_div(cols) {
+            let per = per.max(1);
+            pool_chunks_mut(&mut out, per * cols, |c, part| {
+                for (i, o) in part.chunks_exact_mut(cols).enumerate() {
+                    let r = c * per + i;
+                    gelu_mul_row(o, &g[go + r * gs..][..cols], &u[uo + r * us..][..cols]);
+                }
+            });
+        }
+        Ok((CpuStorage::F32(out), (rows, cols).into()))
+    }
+}
+
+/// `gelu_tanh(gate) * up` for `[rows, cols]` tensors; our kernel for f32 on the CPU (either
+/// may be a column slice of a wider matrix), candle's ops otherwise.
+pub fn gelu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    let ok = |t: &Tensor| {
+        t.device().is_cpu()
+            && t.dtype() == DType::F32
+            && t.rank() == 2
+            && t.stride()[1] == 1
+            && (t.dim(0).unwrap_or(0) <= 1 || t.stride()[0] >= t.dim(1).unwrap_or(0))
+    };
+    if ok(gate) && ok(up) && gate.dims() == up.dims() {
+        gate.apply_op2_no_bwd(up, &GeluMul)
+    } else {
+        gate.gelu()? * up
     }
 }
 
@@ -415,6 +514,28 @@ mod tests {
             .to_vec1()
             .unwrap();
         assert!((s[1] - 1.0).abs() < 1e-6 && s.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn gelu_mul_reads_the_halves_of_a_fused_projection() {
+        let d = Device::Cpu;
+        // 37 columns per half: exercises the 16-lane remainder; 70 rows span several pieces.
+        let y = Tensor::randn(0f32, 3.0, (70, 74), &d).unwrap();
+        let (g, u) = (y.narrow(1, 0, 37).unwrap(), y.narrow(1, 37, 37).unwrap());
+        assert!(!g.is_contiguous());
+        let want = (g.gelu().unwrap() * &u).unwrap();
+        assert!(max_abs_diff(&gelu_mul(&g, &u).unwrap(), &want) < 1e-5);
+        // Separate contiguous tensors, one row, and a non-f32 input (candle's path) agree.
+        let (gc, uc) = (g.contiguous().unwrap(), u.contiguous().unwrap());
+        assert!(max_abs_diff(&gelu_mul(&gc, &uc).unwrap(), &want) < 1e-5);
+        let (g1, u1) = (gc.narrow(0, 3, 1).unwrap(), uc.narrow(0, 3, 1).unwrap());
+        let want1 = want.narrow(0, 3, 1).unwrap();
+        assert!(max_abs_diff(&gelu_mul(&g1, &u1).unwrap(), &want1) < 1e-5);
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let got = gelu_mul(&bf(&gc), &bf(&uc)).unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        // Shapes that differ are refused.
+        assert!(gelu_mul(&gc, &uc.narrow(0, 0, 5).unwrap()).is_err());
     }
 
     #[test]
