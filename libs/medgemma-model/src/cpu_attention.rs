@@ -44,7 +44,8 @@ dispatch!(group_attention => group_attention_generic(
 ));
 
 /// The query heads `q` (`[group, head_dim]`) of kv head `g` over its cached rows: scores in
-/// f32, softmax, weighted values into `out` (`[group, head_dim]`).
+/// f32, softmax, weighted values into `out` (`[group, head_dim]`). Each key and value row is
+/// read once for all the heads that share it.
 #[inline(always)]
 fn group_attention_generic(
     q: &[f32],
@@ -55,35 +56,43 @@ fn group_attention_generic(
     out: &mut [f32],
 ) {
     let hd = rows.head_dim;
+    let heads = q.len() / hd;
     let l: usize = rows.blocks.iter().map(|b| b.2).sum();
-    let mut p = vec![0f32; l];
-    for (qh, oh) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
-        let mut j = 0;
-        for (b, &(_, _, n)) in rows.blocks.iter().enumerate() {
-            for r in 0..n {
-                let (k, _) = rows.row(b, g, r);
-                p[j] = dot(qh, k) * scale + mask.map_or(0.0, |m| m[j]);
-                j += 1;
+    // Scores, then probabilities: `[heads, l]`.
+    let mut p = vec![0f32; heads * l];
+    let mut j = 0;
+    for (b, &(_, _, n)) in rows.blocks.iter().enumerate() {
+        for r in 0..n {
+            let (k, _) = rows.row(b, g, r);
+            let m = mask.map_or(0.0, |m| m[j]);
+            for (h, qh) in q.chunks_exact(hd).enumerate() {
+                p[h * l + j] = dot(qh, k) * scale + m;
             }
+            j += 1;
         }
-        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    }
+    let mut inv = vec![0f32; heads];
+    for (ph, inv) in p.chunks_exact_mut(l.max(1)).zip(inv.iter_mut()) {
+        let max = ph.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
-        for x in p.iter_mut() {
+        for x in ph.iter_mut() {
             *x = exp_approx(*x - max);
             sum += *x;
         }
-        let inv = 1.0 / sum;
-        oh.fill(0.0);
-        let mut j = 0;
-        for (b, &(_, _, n)) in rows.blocks.iter().enumerate() {
-            for r in 0..n {
-                let (_, v) = rows.row(b, g, r);
-                let w = p[j] * inv;
+        *inv = 1.0 / sum;
+    }
+    out.fill(0.0);
+    let mut j = 0;
+    for (b, &(_, _, n)) in rows.blocks.iter().enumerate() {
+        for r in 0..n {
+            let (_, v) = rows.row(b, g, r);
+            for (h, oh) in out.chunks_exact_mut(hd).enumerate() {
+                let w = p[h * l + j] * inv[h];
                 for (o, x) in oh.iter_mut().zip(v) {
                     *o += w * x;
                 }
-                j += 1;
             }
+            j += 1;
         }
     }
 }
