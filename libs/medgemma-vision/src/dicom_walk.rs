@@ -24,20 +24,28 @@ pub(crate) struct Meta {
     pub(crate) dataset_start: usize,
 }
 
-/// Walks the file meta group of `body` (the bytes from "DICM" on): always explicit VR little
-/// endian, elements of group 0002.
+/// Walks the file meta group of `body` (the bytes from "DICM" on) as dicom-rs reads it:
+/// explicit VR little endian, a group length (0002,0000) first, then elements until that many
+/// bytes are consumed, whatever their group (libFuzzer found that stopping at the first
+/// element of another group, as the standard implies, lets the two disagree on where the data
+/// set starts, and dicom-rs then allocated 2 GB for a 702-byte file).
 pub(crate) fn walk_meta(body: &[u8]) -> Result<Meta, String> {
     if !body.starts_with(b"DICM") {
         return Err("missing the \"DICM\" prefix".into());
     }
+    let truncated = |pos: usize| format!("file meta group truncated at byte {}", pos + 128);
     let mut pos = 4;
+    let first = read_header(body, pos, Encoding::ExplicitLe).ok_or_else(|| truncated(pos))?;
+    if first.tag != Tag(0x0002, 0x0000) || first.len != 4 {
+        return Err("the file meta group does not start with its group length (0002,0000)".into());
+    }
+    pos += first.header_len;
+    let group_length = read_u32(body, pos, false).ok_or_else(|| truncated(pos))?;
+    pos += 4;
+    let mut consumed = 0u32;
     let mut transfer_syntax = None;
-    while let Some(group) = read_u16(body, pos, false) {
-        if group != 0x0002 {
-            break;
-        }
-        let header = read_header(body, pos, Encoding::ExplicitLe)
-            .ok_or_else(|| format!("file meta group truncated at byte {}", pos + 128))?;
+    while consumed < group_length {
+        let header = read_header(body, pos, Encoding::ExplicitLe).ok_or_else(|| truncated(pos))?;
         if header.len == UNDEFINED {
             return Err(format!(
                 "undefined length in the file meta group at byte {}",
@@ -47,9 +55,21 @@ pub(crate) fn walk_meta(body: &[u8]) -> Result<Meta, String> {
         let start = pos + header.header_len;
         let end = checked_end(body, start, header.len, header.tag)?;
         if header.tag == Tag(0x0002, 0x0010) {
-            let uid = String::from_utf8_lossy(&body[start..end]);
-            transfer_syntax = Some(uid.trim_end_matches(['\0', ' ']).to_string());
+            // Trimmed as dicom-rs trims it (any trailing whitespace or NUL: libFuzzer found a
+            // form feed that made the two read the data set in different encodings); only
+            // ASCII, so the two cannot decode its bytes differently either.
+            let uid = std::str::from_utf8(&body[start..end])
+                .ok()
+                .filter(|u| u.is_ascii())
+                .ok_or("the Transfer Syntax UID (0002,0010) is not ASCII")?;
+            transfer_syntax = Some(
+                uid.trim_end_matches(|c: char| c.is_whitespace() || c == '\0')
+                    .to_string(),
+            );
         }
+        consumed = consumed
+            .saturating_add(header.header_len as u32)
+            .saturating_add(header.len);
         pos = end;
     }
     let transfer_syntax =
@@ -127,7 +147,13 @@ pub(crate) fn walk_dataset(
         pos += header.header_len;
         let tag = header.tag;
         let defined = (header.len != UNDEFINED).then_some(header.len);
-        if tag.group() == 0xFFFE {
+        // dicom-rs reads an (FFFE,xxxx) header as an item or a delimiter only where it
+        // expects one: inside a sequence (or encapsulated pixel data), between items; an item
+        // delimiter anywhere. Elsewhere it is an element like any other, its value allocated
+        // at its declared length (libFuzzer found a sequence delimiter at the top level
+        // declaring 4 GB).
+        let between_items = in_pixel_sequence || open.last().is_some_and(|o| o.sequence);
+        if tag.group() == 0xFFFE && (between_items || tag.element() == 0xE00D) {
             match tag.element() {
                 // An item: a fragment of encapsulated pixel data is read as bytes; the content
                 // of a data set item is walked.
@@ -152,7 +178,20 @@ pub(crate) fn walk_dataset(
                 // undefined-length sequence.
                 0xE0DD if in_pixel_sequence => in_pixel_sequence = false,
                 0xE0DD => close(&mut open, &mut depth, true),
-                _ => {}
+                // Any other (FFFE,xxxx) tag dicom-rs reads as an element whose value is
+                // allocated at its declared length (found by libFuzzer: 4 bytes declaring
+                // 3.7 GB).
+                _ => {
+                    let len = defined.ok_or_else(|| {
+                        WalkError::Corrupt(format!(
+                            "element ({:04X},{:04X}) at byte {} has an undefined length",
+                            tag.group(),
+                            tag.element(),
+                            pos + 128 - header.header_len,
+                        ))
+                    })?;
+                    pos = checked_end(body, pos, len, tag).map_err(WalkError::Corrupt)?;
+                }
             }
             continue;
         }
@@ -176,9 +215,24 @@ pub(crate) fn walk_dataset(
             });
             continue;
         }
-        pos = checked_end(body, pos, header.len, tag).map_err(WalkError::Corrupt)?;
+        checked_end(body, pos, header.len, tag).map_err(WalkError::Corrupt)?;
+        pos += consumed(header.vr, header.len);
     }
     Ok(())
+}
+
+/// The bytes dicom-rs's reader takes for a value of `len` declared bytes: numbers are read
+/// whole (`len / size` of them), so a length that is not a multiple of the number's size
+/// leaves its tail to be read as the next header (libFuzzer found the two walks drifting
+/// apart there, and dicom-rs then allocating 4 GB for an 894-byte file).
+fn consumed(vr: VR, len: u32) -> usize {
+    let size: u32 = match vr {
+        VR::US | VR::OW | VR::SS => 2,
+        VR::AT | VR::UL | VR::OL | VR::SL | VR::FL | VR::OF => 4,
+        VR::FD | VR::OD | VR::SV | VR::OV | VR::UV => 8,
+        _ => 1,
+    };
+    (len - len % size) as usize
 }
 
 /// Closes the innermost open container of undefined length (and any defined-length ones
@@ -344,10 +398,36 @@ mod tests {
 
     #[test]
     fn meta_and_dataset_lengths() {
+        let ts = explicit_le((2, 0x10), b"UI", b"1.2.840.10008.1.2.1\0");
         let mut body = b"DICM".to_vec();
-        body.extend(explicit_le((2, 0x10), b"UI", b"1.2.840.10008.1.2.1\0"));
+        body.extend(explicit_le((2, 0), b"UL", &(ts.len() as u32).to_le_bytes()));
+        body.extend(&ts);
         let meta = walk_meta(&body).unwrap();
         assert_eq!(meta.transfer_syntax, "1.2.840.10008.1.2.1");
+        assert_eq!(meta.dataset_start, body.len());
+        // The group length decides where the meta group ends, as in dicom-rs: an element of
+        // another group inside it belongs to it, one after it to the data set.
+        let other = explicit_le((0x10, 0x10), b"PN", b"ANON");
+        let mut longer = b"DICM".to_vec();
+        longer.extend(explicit_le(
+            (2, 0),
+            b"UL",
+            &((ts.len() + other.len()) as u32).to_le_bytes(),
+        ));
+        longer.extend(&ts);
+        longer.extend(&other);
+        assert_eq!(walk_meta(&longer).unwrap().dataset_start, longer.len());
+        // Without the group length, or cut inside the group, it is refused.
+        let mut bare = b"DICM".to_vec();
+        bare.extend(&ts);
+        assert!(walk_meta(&bare).unwrap_err().contains("(0002,0000)"));
+        // Trailing whitespace of any kind is trimmed, as dicom-rs trims it.
+        let ff = explicit_le((2, 0x10), b"UI", b"1.2.840.10008.1.2\0\0\x0c\0");
+        let mut padded = b"DICM".to_vec();
+        padded.extend(explicit_le((2, 0), b"UL", &(ff.len() as u32).to_le_bytes()));
+        padded.extend(&ff);
+        assert_eq!(walk_meta(&padded).unwrap().transfer_syntax, IMPLICIT_VR_LE);
+        assert!(walk_meta(&longer[..longer.len() - 3]).is_err());
         body.extend(explicit_le((0x10, 0x10), b"PN", b"ANON"));
         assert!(walk_dataset(&body, meta.dataset_start, &meta.transfer_syntax, LIMITS).is_ok());
         // An OB element that declares 4 GB in a short file.
@@ -360,6 +440,64 @@ mod tests {
             panic!("{e:?}")
         };
         assert!(e.contains("(7FE0,0010)") && e.contains("4294967280"), "{e}");
+        // An item-group tag that is neither an item nor a delimiter, declaring 3.7 GB: dicom-rs
+        // reads it as an element (the libFuzzer finding in fuzz/corpus/decode_image).
+        let mut odd = body.clone();
+        odd.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0x01]);
+        odd.extend_from_slice(&3_759_144_960u32.to_le_bytes());
+        odd.extend_from_slice(&[0; 4]);
+        let e = walk_dataset(&odd, meta.dataset_start, &meta.transfer_syntax, LIMITS).unwrap_err();
+        assert!(
+            matches!(&e, WalkError::Corrupt(m) if m.contains("(FFFE,01DD)")),
+            "{e:?}"
+        );
+        // Such an element of a length that fits is skipped, as dicom-rs reads past it.
+        let mut fits = body.clone();
+        fits.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0x01, 4, 0, 0, 0, 1, 2, 3, 4]);
+        fits.extend(explicit_le((0x10, 0x20), b"LO", b"ID"));
+        assert!(walk_dataset(&fits, meta.dataset_start, &meta.transfer_syntax, LIMITS).is_ok());
+        // A sequence delimiter outside any sequence is an element to dicom-rs: its declared
+        // 4 GB would be allocated.
+        let mut stray = body.clone();
+        stray.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0]);
+        stray.extend_from_slice(&0xFFFF_FF00u32.to_le_bytes());
+        stray.extend_from_slice(&[0; 8]);
+        let e = walk_dataset(&stray, meta.dataset_start, &meta.transfer_syntax, LIMITS);
+        assert!(
+            matches!(&e, Err(WalkError::Corrupt(m)) if m.contains("(FFFE,E0DD)")),
+            "{e:?}"
+        );
+        // A UL of 7 bytes: dicom-rs reads one number (4 bytes) and the next header starts
+        // 3 bytes early, where this one declares 4 GB.
+        let mut drift = body.clone();
+        drift.extend_from_slice(&[0x08, 0x00, 0x00, 0x01, b'U', b'L', 7, 0]);
+        drift.extend_from_slice(&[0; 4]);
+        drift.extend_from_slice(&[0x10, 0x00, 0x10, 0x00, b'O', b'B', 0, 0]);
+        drift.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        let e = walk_dataset(&drift, meta.dataset_start, &meta.transfer_syntax, LIMITS);
+        assert!(
+            matches!(&e, Err(WalkError::Corrupt(m)) if m.contains("4294967280")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn every_decodable_transfer_syntax_is_walked_in_its_own_encoding() {
+        use dicom_encoding::transfer_syntax::{Codec, Endianness};
+        use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+        // The walk knows three encodings of the data set (implicit VR is the one standard
+        // syntax that uses it). A transfer syntax dicom-rs decodes that is none of them (a
+        // deflated data set) would let it check other bytes than dicom-rs reads: none may be
+        // decodable in our build.
+        for ts in TransferSyntaxRegistry.iter().filter(|t| t.can_decode_all()) {
+            assert!(!matches!(ts.codec(), Codec::Dataset(_)), "{}", ts.uid());
+            let uid = ts.uid().trim_end_matches('\0');
+            assert_eq!(
+                uid == EXPLICIT_VR_BE,
+                ts.endianness() == Endianness::Big,
+                "{uid}"
+            );
+        }
     }
 
     const LIMITS: WalkLimits = WalkLimits {
