@@ -233,7 +233,7 @@ fn f32_slice_mut<'a>(
     }
 }
 
-/// Rows processed per rayon task (large enough to amortise scheduling).
+/// Rows processed per task (large enough to amortise scheduling).
 fn rows_per_task(cols: usize) -> usize {
     (16_384 / cols.max(1)).max(1)
 }
@@ -326,8 +326,16 @@ impl InplaceOp2 for Add {
 /// halves).
 struct GeluMul;
 
-/// `(data, first element, row stride, rows, cols)` of a 2-D f32 view whose rows are
-/// contiguous.
+/// `(row stride, rows, cols)` of a 2-D layout whose rows are contiguous (a column slice of
+/// a wider matrix included); `None` for any other layout.
+fn row_layout(l: &Layout) -> Option<(usize, usize, usize)> {
+    match (l.dims(), l.stride()) {
+        (&[rows, cols], &[rs, 1]) if rows <= 1 || rs >= cols => Some((rs, rows, cols)),
+        _ => None,
+    }
+}
+
+/// `(data, first element, row stride, rows, cols)` of a 2-D f32 view (`row_layout`).
 fn rows_view<'a>(
     s: &'a CpuStorage,
     l: &Layout,
@@ -335,11 +343,9 @@ fn rows_view<'a>(
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("gelu_mul: f32 only")
     };
-    match (l.dims(), l.stride()) {
-        (&[rows, cols], &[rs, 1]) if rows <= 1 || rs >= cols => {
-            Ok((v, l.start_offset(), rs, rows, cols))
-        }
-        _ => candle_core::bail!("gelu_mul: 2-D rows with unit column stride only"),
+    match row_layout(l) {
+        Some((rs, rows, cols)) => Ok((v, l.start_offset(), rs, rows, cols)),
+        None => candle_core::bail!("gelu_mul: 2-D rows with unit column stride only"),
     }
 }
 
@@ -360,15 +366,14 @@ impl candle_core::CustomOp2 for GeluMul {
             candle_core::bail!("gelu_mul of {:?} and {:?}", l1.dims(), l2.dims())
         }
         let mut out = vec![0f32; rows * cols];
-        if let Some(per) = 16_384usize.checked_div(cols) {
-            let per = per.max(1);
-            pool_chunks_mut(&mut out, per * cols, |c, part| {
-                for (i, o) in part.chunks_exact_mut(cols).enumerate() {
-                    let r = c * per + i;
-                    gelu_mul_row(o, &g[go + r * gs..][..cols], &u[uo + r * us..][..cols]);
-                }
-            });
-        }
+        let per = rows_per_task(cols);
+        // No columns: `out` is empty and no piece runs.
+        pool_chunks_mut(&mut out, per * cols, |c, part| {
+            for (i, o) in part.chunks_exact_mut(cols).enumerate() {
+                let r = c * per + i;
+                gelu_mul_row(o, &g[go + r * gs..][..cols], &u[uo + r * us..][..cols]);
+            }
+        });
         Ok((CpuStorage::F32(out), (rows, cols).into()))
     }
 }
@@ -377,11 +382,7 @@ impl candle_core::CustomOp2 for GeluMul {
 /// may be a column slice of a wider matrix), candle's ops otherwise.
 pub fn gelu_mul(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     let ok = |t: &Tensor| {
-        t.device().is_cpu()
-            && t.dtype() == DType::F32
-            && t.rank() == 2
-            && t.stride()[1] == 1
-            && (t.dim(0).unwrap_or(0) <= 1 || t.stride()[0] >= t.dim(1).unwrap_or(0))
+        t.device().is_cpu() && t.dtype() == DType::F32 && row_layout(t.layout()).is_some()
     };
     if ok(gate) && ok(up) && gate.dims() == up.dims() {
         gate.apply_op2_no_bwd(up, &GeluMul)
